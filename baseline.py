@@ -1,0 +1,42 @@
+"""Baseline: one backbone trained with cross-entropy alone, under the shared protocol.
+
+The reference every online-distillation method is compared with, and the producer of the teacher
+checkpoint that sokd.py loads (runs/baseline-<arch>-<dataset>-s<seed>/checkpoint.pt).
+
+    loss = CE(z, y)
+
+    python baseline.py --arch resnet32 --dataset cifar100 --gpus 0
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+class Baseline(nn.Module):
+    def __init__(self, args, num_classes):
+        super().__init__()
+        self.net = common.build_model(args.arch, num_classes)
+        self.deploy = "net"
+
+    def forward(self, x, y, idx, epoch):
+        ce = F.cross_entropy(self.net(x).float(), y)
+        return ce, {"ce": ce}
+
+    def heads(self, x):
+        return {"net": self.net(x)}
+
+    def head_params(self):
+        return {"net": common.count_params(self.net)}
+
+
+def main():
+    p = common.parser(__doc__)
+    args = common.parse(p, "baseline")
+    if "," in args.arch:
+        p.error("baseline.py trains one network: give a single --arch")
+    common.run(args, Baseline)
+
+
+if __name__ == "__main__":
+    main()

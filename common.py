@@ -1,0 +1,903 @@
+"""Shared parts of the online-distillation scripts: backbones, on-device CIFAR data, the loop.
+
+A method file (dml.py, one.py, ...) holds the whole of its method: its losses, its extra
+modules and its training step. This file holds what a reader of a method does not need to see:
+
+  1. BACKBONES  32x32 classifiers by name, each a sequence of stages + pool + linear head, so a
+                method can share the first stages and give every branch its own copy of the rest.
+  2. DATA       CIFAR-10/100 held on the training device as uint8, shuffled, cropped, flipped and
+                normalised there in batches; k augmented views per batch on request.
+  3. LOOP       optimizer, schedule, DDP, bf16 autocast, logging, checkpoints, resume, final.json.
+
+A method is an nn.Module with this contract (see dml.py for the smallest real one):
+
+    forward(x, y, idx, epoch) -> (loss, {term: value})  one training step's loss. x is a batch of
+                                 images, or a tuple of `views` independently augmented batches;
+                                 idx are the samples' indices in the training set.
+    heads(x) -> {name: logits}   every head that is evaluated on the test set.
+    deploy                       name of the head that is the deployable model.
+    head_params() -> {name: n}   parameters a deployed head needs.
+  optional:
+    views = 1                    augmented views per batch.
+    holdout = 0                  training images held out and passed to on_epoch (KDCL-general).
+    param_groups(wd)             optimizer groups (default: every trainable parameter, decay wd).
+    after_step()                 called after every optimizer step (EMA teachers, memory banks).
+    on_epoch(epoch, holdout)     called at the start of every training epoch.
+
+Everything else (device, DDP, AMP, schedules, logging, checkpoints) stays here.
+
+Command line: `python common.py summarize runs/` prints a table of finished and running runs.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import pickle
+import platform
+import resource
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# =================================================================================================
+# 1. BACKBONES
+# Every network is Net(stages, fc): x -> stages[0] -> ... -> stages[-1] -> global avg pool -> fc.
+# The last stage ends with the final norm where the architecture has one (pre-activation WRN,
+# DenseNet), so "the last stage" is exactly what a branch or SOKD's bridge must copy.
+# =================================================================================================
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def conv_bn(cin, cout, k=1, stride=1, relu=True, groups=1):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """He et al. 3x3-3x3 residual block; 1x1 conv + BN shortcut when the shape changes."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, width_mult=1):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, planes, 3, stride), conv_bn(planes, planes, 3, relu=False))
+        self.short = conv_bn(cin, planes, 1, stride, relu=False) if stride != 1 or cin != planes else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.short(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1-3x3-1x1 block, output planes * 4; the 3x3 has planes * width_mult channels (torchvision)."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, width_mult=1):
+        super().__init__()
+        w, cout = planes * width_mult, planes * 4
+        self.body = nn.Sequential(conv_bn(cin, w), conv_bn(w, w, 3, stride), conv_bn(w, cout, relu=False))
+        self.short = conv_bn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.short(x))
+
+
+class PreActBlock(nn.Module):
+    """Zagoruyko & Komodakis wide block: BN-ReLU-conv-BN-ReLU-conv, 1x1 conv shortcut on a shape change."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv3x3(cout, cout)
+        self.short = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return y + (self.short(o) if self.short is not None else x)
+
+
+class Net(nn.Module):
+    """A classifier as a sequence of stages, then global average pooling and a linear head.
+
+    forward(x) -> logits; forward(x, features=True) -> (logits, pooled feature, last feature map).
+    A branch of a multi-branch method is a Net whose stages are the tail of a backbone.
+    """
+
+    def __init__(self, stages, fc):
+        super().__init__()
+        self.stages, self.fc = nn.Sequential(*stages), fc
+
+    def forward(self, x, features=False):
+        fmap = self.stages(x)
+        feat = fmap.mean((2, 3))
+        logits = self.fc(feat)
+        return (logits, feat, fmap) if features else logits
+
+
+def _resnet(block, depths, widths, num_classes, stem=16, width_mult=1):
+    stages, cin = [conv_bn(3, stem, 3)], stem
+    for i, (n, planes) in enumerate(zip(depths, widths)):
+        blocks = []
+        for j in range(n):
+            blocks.append(block(cin, planes, 2 if i > 0 and j == 0 else 1, width_mult))
+            cin = planes * block.expansion
+        stages.append(nn.Sequential(*blocks))
+    return Net(stages, nn.Linear(cin, num_classes))
+
+
+def _wrn(depth, k, num_classes):
+    n, widths = (depth - 4) // 6, [16 * k, 32 * k, 64 * k]
+    stages, cin = [conv3x3(3, 16)], 16
+    for i, w in enumerate(widths):
+        blocks = [PreActBlock(cin if j == 0 else w, w, 2 if i > 0 and j == 0 else 1) for j in range(n)]
+        stages.append(nn.Sequential(*blocks))
+        cin = w
+    stages[-1].append(nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)))  # final norm
+    return Net(stages, nn.Linear(cin, num_classes))
+
+
+VGG_CFG = {8: [[64], [128], [256], [512], [512]],
+           11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+           13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+           16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]}
+
+
+def _vgg(depth, num_classes):
+    """VGG with BN as in RepDistiller: five conv blocks, max-pool between them, avg pool, one FC."""
+    stages, cin = [], 3
+    for i, block in enumerate(VGG_CFG[depth]):
+        layers = [nn.MaxPool2d(2)] if i > 0 else []
+        for c in block:
+            layers.append(conv_bn(cin, c, 3))
+            cin = c
+        stages.append(nn.Sequential(*layers))
+    return Net(stages, nn.Linear(cin, num_classes))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.f = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, 4 * growth, 1, bias=False),
+                               nn.BatchNorm2d(4 * growth), nn.ReLU(inplace=True), conv3x3(4 * growth, growth))
+
+    def forward(self, x):
+        return torch.cat([x, self.f(x)], 1)
+
+
+def _densenet_bc(depth, growth, num_classes, reduction=0.5):
+    n, cin = (depth - 4) // 6, 2 * growth
+    stages = [conv3x3(3, cin)]
+    for i in range(3):
+        layers = []
+        for _ in range(n):
+            layers.append(DenseLayer(cin, growth))
+            cin += growth
+        if i < 2:  # transition: BN-ReLU-1x1 conv (compression) - avg pool
+            cout = int(math.floor(cin * reduction))
+            layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, 1, bias=False), nn.AvgPool2d(2)]
+            cin = cout
+        else:
+            layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]  # final norm
+        stages.append(nn.Sequential(*layers))
+    return Net(stages, nn.Linear(cin, num_classes))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        h = cin * expand
+        self.f = nn.Sequential(conv_bn(cin, h), conv_bn(h, h, 3, stride, groups=h), conv_bn(h, cout, relu=False))
+        self.res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.f(x) if self.res else self.f(x)
+
+
+def _mobilenetv2(num_classes):
+    """MobileNetV2 (width 1.0) for 32x32: stride-1 stem and first stride-2 stage made stride 1."""
+    # (expansion, channels, blocks, stride), grouped into stages by output resolution 32/16/8/4
+    cfg = [[(1, 16, 1, 1), (6, 24, 2, 1)], [(6, 32, 3, 2)], [(6, 64, 4, 2), (6, 96, 3, 1)], [(6, 160, 3, 2), (6, 320, 1, 1)]]
+    stages, cin = [conv_bn(3, 32, 3)], 32
+    for group in cfg:
+        blocks = []
+        for t, c, n, s in group:
+            for j in range(n):
+                blocks.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
+                cin = c
+        stages.append(nn.Sequential(*blocks))
+    stages[-1].append(conv_bn(cin, 1280))
+    return Net(stages, nn.Linear(1280, num_classes))
+
+
+ARCHS = {
+    **{f"resnet{d}": (lambda d: lambda nc: _resnet(BasicBlock, [(d - 2) // 6] * 3, [16, 32, 64], nc))(d)
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet110b": lambda nc: _resnet(Bottleneck, [12, 12, 12], [16, 32, 64], nc),  # PCL/OKDDip/MCL "ResNet-110"
+    "resnet8x4": lambda nc: _resnet(BasicBlock, [1, 1, 1], [64, 128, 256], nc, stem=32),
+    "resnet32x4": lambda nc: _resnet(BasicBlock, [5, 5, 5], [64, 128, 256], nc, stem=32),
+    "wrn_16_1": lambda nc: _wrn(16, 1, nc), "wrn_16_2": lambda nc: _wrn(16, 2, nc),
+    "wrn_40_1": lambda nc: _wrn(40, 1, nc), "wrn_40_2": lambda nc: _wrn(40, 2, nc),
+    "wrn_28_10": lambda nc: _wrn(28, 10, nc),
+    "wrn_20_8": lambda nc: _resnet(Bottleneck, [2, 2, 2], [16, 32, 64], nc, width_mult=8),  # PCL's "WRN-20-8"
+    **{f"vgg{d}": (lambda d: lambda nc: _vgg(d, nc))(d) for d in (8, 11, 13, 16)},
+    "densenet40_12": lambda nc: _densenet_bc(40, 12, nc),
+    "mobilenetv2": _mobilenetv2,
+}
+
+
+def build_model(arch, num_classes):
+    """A backbone by name, e.g. build_model('resnet32', 100)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    return ARCHS[arch](num_classes)
+
+
+def split_model(arch, num_classes, at, copies):
+    """Shared trunk = stages[:at] of one net; `copies` branches = stages[at:] + fc, each from its own
+    freshly initialised net (so branches, classifiers included, start from independent weights).
+    at=-1 shares all but the last stage (ONE, FFL, PCL); at=-2 all but the last two (MCL)."""
+    nets = [build_model(arch, num_classes) for _ in range(copies)]
+    trunk = nn.Sequential(*nets[0].stages[:at])
+    return trunk, nn.ModuleList(Net(list(n.stages[at:]), n.fc) for n in nets)
+
+
+def count_params(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# =================================================================================================
+# 2. DATA: the whole split lives on the device as uint8; augmentation runs there in batches.
+# =================================================================================================
+
+DATASETS = {  # folder in torchvision's layout, train files, test files, label key, classes, mean, std
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10,
+                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100,
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def _read_split(dataset, data_dir, files):
+    folder, _, _, key, nc, _, _ = DATASETS[dataset]
+    xs, ys = [], []
+    for name in files:
+        path = os.path.join(data_dir, folder, name)
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            x, y = np.asarray(d["data"]), np.asarray(d[key])
+        except FileNotFoundError:
+            raise DataError(f"missing {path}; expected {data_dir}/{folder}/ with {', '.join(files)} (torchvision layout)")
+        except Exception as e:  # truncated pickle, wrong keys, not a pickle at all
+            raise DataError(f"cannot read {path} as a CIFAR pickle ({type(e).__name__}: {e})")
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
+            raise DataError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, "
+                            f"got {x.dtype} {x.shape} and {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= nc):
+            raise DataError(f"{path}: labels must lie in [0, {nc}), found {y.min()}..{y.max()}")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y.astype(np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_cifar(dataset, data_dir):
+    """(train_x, train_y, test_x, test_y) as numpy uint8 (N, 3, 32, 32) / int64, read without a
+    checksum check. Downloads through torchvision only when the folder is absent."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    folder, train_files, test_files = DATASETS[dataset][:3]
+    if not os.path.isdir(os.path.join(data_dir, folder)):
+        try:
+            import torchvision
+            cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+            cls(data_dir, train=True, download=True)
+        except Exception as e:
+            raise DataError(f"{dataset} not found in {os.path.join(data_dir, folder)} and the download failed "
+                            f"({type(e).__name__}); put the python-version CIFAR archive's folder '{folder}' "
+                            f"in --data-dir {data_dir}") from None
+    return (*_read_split(dataset, data_dir, train_files), *_read_split(dataset, data_dir, test_files))
+
+
+def crop_flip(x, dy, dx, flip, pad=4):
+    """Per-image window [dy:dy+H, dx:dx+W] of x zero-padded by `pad`, mirrored where flip; one gather.
+    x: (B, C, H, W) uint8; dy, dx: (B,) ints in [0, 2*pad]; flip: (B,) bool."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = dy[:, None] + ar_h                                                   # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None], W - 1 - ar_w, ar_w)         # (B, W)
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return xp[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Loader:
+    """Batches of one CIFAR split held on `device` as uint8.
+
+    train=True: one permutation per epoch from a generator seeded by (seed, epoch), so an epoch's
+    batches do not depend on what ran before (exact resume); `views` independent crop+flip draws of
+    every batch. Under DDP (world > 1) every rank draws the same global batch and takes its share.
+    Yields (x, y, idx): x normalised float (a tuple of `views` tensors when views > 1)."""
+
+    def __init__(self, x, y, mean, std, device, batch_size, train, views=1, seed=0, rank=0, world=1,
+                 channels_last=False):
+        self.x = torch.as_tensor(x).to(device)                   # uint8, never a float copy of the split
+        self.y = torch.as_tensor(y).to(device)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.batch_size, self.train, self.views = device, batch_size, train, views
+        self.seed, self.rank, self.world, self.channels_last = seed, rank, world, channels_last
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def normalize(self, x):
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch=0):
+        n, B = len(self.y), self.batch_size
+        if self.train:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, device=self.device, generator=g)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, B):
+            idx = order[start:start + B]
+            if self.train:  # draw augmentation for the global batch, then keep this rank's share
+                params = [(torch.randint(0, 9, (len(idx),), device=self.device, generator=g),
+                           torch.randint(0, 9, (len(idx),), device=self.device, generator=g),
+                           torch.rand(len(idx), device=self.device, generator=g) < 0.5) for _ in range(self.views)]
+            idx = idx[self.rank::self.world]
+            imgs = self.x[idx]
+            if not self.train:
+                yield self.normalize(imgs), self.y[idx], idx
+                continue
+            xs = tuple(self.normalize(crop_flip(imgs, *(p[self.rank::self.world] for p in v))) for v in params)
+            yield (xs[0] if self.views == 1 else xs), self.y[idx], idx
+
+
+# =================================================================================================
+# 3. LOOP
+# =================================================================================================
+
+def add_arg(p, name, **kw):
+    """Add a --kebab-case option with its --snake_case alias."""
+    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    return p.add_argument(*names, **kw)
+
+
+def ramp_up(epoch, length=80):
+    """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0."""
+    if length == 0:
+        return 1.0
+    t = min(epoch, length) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def parser(description):
+    """The protocol's command-line options; a method adds its own before parse()."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
+    add_arg(p, "--dataset", default="cifar100", choices=list(DATASETS))
+    add_arg(p, "--data-dir", default="./data")
+    add_arg(p, "--epochs", type=int, default=300)
+    add_arg(p, "--lr", type=float, default=0.1)
+    add_arg(p, "--batch-size", type=int, default=128, help="global batch, whatever the number of GPUs")
+    add_arg(p, "--wd", type=float, default=5e-4)
+    add_arg(p, "--momentum", type=float, default=0.9)
+    add_arg(p, "--no-nesterov", action="store_true")
+    add_arg(p, "--schedule", type=int, nargs="*", default=[150, 225], help="epochs where lr drops x0.1")
+    add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
+    add_arg(p, "--seed", type=int, default=0)
+    add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; no CUDA: CPU (with as many gloo processes)")
+    add_arg(p, "--out", default=None, help="run folder (default runs/<method>-<arch>-<dataset>-s<seed>)")
+    add_arg(p, "--resume", action="store_true", help="continue the run in the run folder")
+    add_arg(p, "--force", action="store_true", help="delete an existing run folder and start over")
+    add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    add_arg(p, "--compile", action="store_true", help="torch.compile the model")
+    add_arg(p, "--bench", type=int, default=0, metavar="N", help="time N steps on synthetic data, write bench.json")
+    add_arg(p, "--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop as if killed
+    return p
+
+
+# options that may change between a run and its --resume; every other option must match
+RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after"}
+
+
+def parse(p, method):
+    """Parse and validate: every error here happens before anything is written."""
+    args = p.parse_args()
+    args.method = method
+    for a in args.arch.split(","):
+        if a not in ARCHS:
+            p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
+    if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0:
+        p.error("--epochs, --batch-size and --lr must be positive")
+    s = args.schedule
+    if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
+        p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
+    try:
+        args.devices = _devices(args.gpus)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def _devices(gpus):
+    """'0,1' -> ['cuda:0', 'cuda:1']; with no CUDA -> as many 'cpu' entries, with a warning."""
+    ids = [g for g in gpus.split(",") if g != ""]
+    if gpus == "cpu" or not ids:
+        return ["cpu"]
+    if not all(g.isdigit() for g in ids):
+        raise ValueError(f"--gpus {gpus!r}: expected GPU indices like 0 or 0,1,2,3, or 'cpu'")
+    if not torch.cuda.is_available():
+        print(f"warning: CUDA is not available; training on the CPU ({len(ids)} process(es)) instead of --gpus {gpus}",
+              file=sys.stderr)
+        return ["cpu"] * len(ids)
+    n = torch.cuda.device_count()
+    bad = [g for g in ids if int(g) >= n]
+    if bad:
+        raise ValueError(f"--gpus {gpus}: no GPU {','.join(bad)} (this machine has {n}: 0..{n - 1})")
+    return [f"cuda:{g}" for g in ids]
+
+
+def run_dir(args):
+    arch = args.arch.replace(",", "+")
+    return args.out or os.path.join("runs", f"{args.method}-{arch}-{args.dataset}-s{args.seed}")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, rename: a crash leaves the old file whole."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one-line errors for missing, truncated or unsafe files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"cannot load {what} {path}: not a valid checkpoint or unsafe to unpickle ({first})") from None
+
+
+class Interrupt:
+    """SIGINT sets a flag; the loop stops at the end of the current step and keeps the last full epoch."""
+
+    def __init__(self):
+        self.hit = False
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\ninterrupted: stopping after this step; --resume continues from the last full epoch", flush=True)
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run(args, Method):
+    """The whole life of a run: checks, run folder, (DDP) training, final.json."""
+    try:
+        data = None if args.bench else load_cifar(args.dataset, args.data_dir)
+        num_classes = DATASETS[args.dataset][4]
+        Method(args, num_classes)  # build once here so that model errors (e.g. SOKD's teacher) come first
+    except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
+        fail(e)
+    out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
+    if not args.bench:
+        _prepare_run_dir(args, out)
+    else:
+        os.makedirs(out, exist_ok=True)
+    world = len(args.devices)
+    if world > 1 and "RANK" not in os.environ:
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
+    elif "RANK" in os.environ:  # torchrun
+        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
+    else:
+        _worker(0, 1, args, Method, out, data)
+
+
+def _prepare_run_dir(args, out):
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if args.resume:
+        try:
+            meta = load_checkpoint(ckpt)["args"]
+        except (FileNotFoundError, RuntimeError) as e:
+            fail(f"--resume: {e}")
+        diff = [f"--{k.replace('_', '-')} {meta.get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in vars(args).items()
+                if k not in RUN_CONTROL and k != "devices" and meta.get(k) != v]
+        if diff:
+            fail(f"--resume: the checkpoint in {out} was made with other settings: " + "; ".join(diff))
+    elif os.path.exists(out):
+        if not args.force:
+            fail(f"run folder {out} exists; pass --resume to continue it or --force to start over")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def _set_lr(opt, args, epoch):
+    if args.cosine:
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _worker(rank, world, args, Method, out, data):
+    device = args.devices[rank % len(args.devices)] if "LOCAL_RANK" not in os.environ else \
+        (f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+    try:
+        _train(rank, world, args, Method, out, data, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(rank, world, args, Method, out, data, device):
+    cuda = device.startswith("cuda")
+    amp = cuda and not args.no_amp
+    num_classes = DATASETS[args.dataset][4]
+    mean, std = DATASETS[args.dataset][5:7]
+    torch.manual_seed(args.seed)
+    model = Method(args, num_classes).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    views = getattr(model, "views", 1)
+    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    step_model = torch.compile(ddp) if args.compile else ddp
+    if world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+
+    if args.bench:
+        return _bench(args, model, step_model, opt, views, num_classes, mean, std, device, amp, out, world)
+
+    # ---- data: the holdout (KDCL-general) comes off the training split with a fixed permutation
+    tx, ty, vx, vy = data
+    holdout_n = getattr(model, "holdout", 0)
+    hold = None
+    if holdout_n:
+        perm = np.random.RandomState(args.seed).permutation(len(ty))
+        tx, ty, hx, hy = tx[perm[holdout_n:]], ty[perm[holdout_n:]], tx[perm[:holdout_n]], ty[perm[:holdout_n]]
+        hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=cuda)
+    train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, cuda)
+    test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=cuda)
+
+    ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        history, start = ck["history"], ck["epoch"]
+        print(f"resumed {out} at epoch {start}")
+    if rank == 0 and start == 0:
+        print(f"{args.method} {args.arch} {args.dataset}: {count_params(model)} parameters in training, "
+              f"{len(ty)} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
+    stop = Interrupt()
+    for epoch in range(start, args.epochs):
+        lr = _set_lr(opt, args, epoch)
+        torch.manual_seed(args.seed * 10_007 + epoch)  # randomness inside a step depends on (seed, epoch) only
+        model.train()
+        if hasattr(model, "on_epoch"):
+            model.on_epoch(epoch, hold)
+        t0 = time.time()
+        sums, names, first_bad, bad_terms, n_steps = None, None, None, None, 0
+        for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                loss, terms = step_model(x, y, idx, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if hasattr(model, "after_step"):
+                model.after_step()
+            vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+            if sums is None:  # loss sums and the first non-finite step stay on the device until the epoch ends
+                names, sums = ["loss"] + list(terms), torch.zeros_like(vals)
+                first_bad = torch.full((), -1, device=vals.device)
+                bad_terms = torch.zeros_like(vals, dtype=torch.bool)
+            sums += vals
+            finite = torch.isfinite(vals)
+            new_bad = (first_bad < 0) & ~finite.all()
+            first_bad = torch.where(new_bad, step, first_bad)
+            bad_terms = torch.where(new_bad, ~finite, bad_terms)
+            n_steps += 1
+            if stop.hit:
+                break
+        if stop.hit:
+            print(f"stopped in epoch {epoch}; the checkpoint of epoch {epoch - 1} is kept in {out}")
+            sys.exit(130)
+        if first_bad.item() >= 0:
+            bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
+            print(f"error: non-finite loss at epoch {epoch} step {first_bad.item()} in term(s) {', '.join(bad)}; "
+                  f"stopped; the checkpoint of the last good epoch is kept in {out}", file=sys.stderr)
+            sys.exit(3)
+        if world > 1:
+            dist.all_reduce(sums)
+            sums /= world
+            for b in model.buffers():  # one broadcast per epoch keeps BN statistics (and banks) identical
+                dist.broadcast(b, 0)
+        mean_terms = dict(zip(names, (sums / n_steps).tolist()))
+        seconds = time.time() - t0
+        acc = evaluate(model, test_data, amp, world)
+        row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
+               "images_per_second": round(len(ty) / seconds, 1)}
+        history.append(row)
+        if rank == 0:
+            _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs)
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                         "history": history, "args": _plain_args(args)}, ckpt_path)
+        if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
+            print(f"halted after epoch {epoch + 1} (--halt-after)")
+            return
+    if rank == 0 or world > 1:
+        with torch.no_grad():  # a checksum of the weights per rank: DDP must keep them identical
+            sums = [float(sum(p.double().sum() for p in model.parameters()))]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, sums[0])
+            sums = gathered
+        if rank == 0:
+            _final(args, out, model, history, sums, device)
+
+
+def _plain_args(args):
+    return {k: v for k, v in vars(args).items() if k != "devices"}
+
+
+@torch.no_grad()
+def evaluate(model, data, amp, world=1):
+    """Top-1 accuracy (%) of every head; counts stay on the device until the end."""
+    model.eval()
+    correct, n = None, 0
+    for x, y, _ in data.epoch():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            heads = model.heads(x)
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in heads.values()])
+        correct = hits if correct is None else correct + hits
+        n += len(y)
+    total = torch.tensor([n], device=correct.device)
+    if world > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    model.train()
+    return {k: round(100.0 * c / total.item(), 2) for k, c in zip(heads, correct.tolist())}
+
+
+def _log(out, row, term_names, head_names, deploy, epochs):
+    """One fixed-width line per epoch and the same columns in log.csv."""
+    if row["epoch"] == 1 or not os.path.exists(os.path.join(out, "log.csv")):
+        print(f"{'epoch':>9} {'lr':>7} | " + " ".join(f"{t:>8}" for t in term_names) + " | "
+              + " ".join(f"{h + ('*' if h == deploy else ''):>9}" for h in head_names) + " | s/ep     img/s")
+    print(f"{row['epoch']:>4}/{epochs:<4} {row['lr']:7.4f} | " + " ".join(f"{row[t]:8.4f}" for t in term_names)
+          + " | " + " ".join(f"{row[h]:9.2f}" for h in head_names)
+          + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
+    path = os.path.join(out, "log.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _final(args, out, model, history, rank_sums, device):
+    heads = [k for k in history[-1] if k in model.head_params()]
+    best = {h: max(((r[h], r["epoch"]) for r in history), key=lambda t: t[0]) for h in heads}
+    final = {"method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
+             "seed": args.seed, "deploy": model.deploy, "last": {h: history[-1][h] for h in heads},
+             "best": {h: list(v) for h, v in best.items()}, "params": model.head_params(),
+             "seconds": round(sum(r["seconds"] for r in history), 1),
+             "images_per_second": round(sum(r["images_per_second"] for r in history) / len(history), 1),
+             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+             "processes": len(rank_sums), "rank_param_sums": rank_sums,
+             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+             "args": _plain_args(args)}
+    with open(os.path.join(out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    d = model.deploy
+    others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
+    print(f"done: {d} (deployable) {final['last'][d]:.2f}% top-1 at the last epoch"
+          + (f"; {others}" if others else "") + f"; {out}/final.json")
+
+
+def _bench(args, model, step_model, opt, views, num_classes, mean, std, device, amp, out, world):
+    """Time --bench N training steps on synthetic data already on the device."""
+    B = args.batch_size // world
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (B * 4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, num_classes, (B * 4,), generator=gen)
+    data = Loader(x, y, mean, std, device, B, True, views, channels_last=device.startswith("cuda"))
+    batches = list(data.epoch(0))
+    model.train()
+    if hasattr(model, "on_epoch"):
+        model.on_epoch(0, None)
+
+    def step(i):
+        xb, yb, idx = batches[i % len(batches)]
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            loss, _ = step_model(xb, yb, idx, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if hasattr(model, "after_step"):
+            model.after_step()
+
+    for i in range(3):
+        step(i)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    for i in range(args.bench):
+        step(i)
+    sync()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = {"method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
+           "images_per_second": round(args.batch_size * args.bench / dt, 1),
+           "seconds_per_step": round(dt / args.bench, 5), "peak_memory_bytes": int(peak),
+           "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"bench {args.method} {args.arch}: {res['images_per_second']:.0f} img/s, "
+          f"{1000 * res['seconds_per_step']:.1f} ms/step, peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
+
+
+# =================================================================================================
+# summarize: one table for a folder of runs
+# =================================================================================================
+
+def summarize(root, as_csv=False, plot=True):
+    """Rows of method x arch x dataset: deployable and ensemble last-epoch accuracy, mean +- std over seeds."""
+    groups = {}
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        fj, lc = os.path.join(d, "final.json"), os.path.join(d, "log.csv")
+        if os.path.isfile(fj):
+            with open(fj) as f:
+                r = json.load(f)
+            key = (r["method"], r["arch"], r["dataset"])
+            groups.setdefault(key, {"done": [], "running": 0})["done"].append(r)
+        elif os.path.isfile(lc):
+            parts = name.split("-")
+            key = (parts[0], parts[1] if len(parts) > 1 else "?", parts[2] if len(parts) > 2 else "?")
+            groups.setdefault(key, {"done": [], "running": 0})["running"] += 1
+    rows = []
+    for (method, arch, dataset), g in sorted(groups.items()):
+        done = g["done"]
+
+        def stat(vals):
+            if not vals:
+                return ""
+            m = float(np.mean(vals))
+            s = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            return f"{m:.2f} +- {s:.2f} (n={len(vals)})"
+
+        dep = stat([r["last"][r["deploy"]] for r in done])
+        ens_key = lambda r: next((k for k in r["last"] if "ens" in k.lower() or k.endswith("-E")), None)
+        ens = stat([r["last"][ens_key(r)] for r in done if ens_key(r)])
+        rows.append({"method": method, "arch": arch, "dataset": dataset,
+                     "deploy": done[0]["deploy"] if done else "", "deploy_acc": dep, "ensemble_acc": ens,
+                     "params": done[0]["params"][done[0]["deploy"]] if done else "",
+                     "images_per_second": round(float(np.mean([r["images_per_second"] for r in done])), 1) if done else "",
+                     "epochs": done[0]["epochs"] if done else "",
+                     "status": "done" + (f", {g['running']} running" if g["running"] else "") if done else f"{g['running']} running"})
+    cols = list(rows[0]) if rows else []
+    if as_csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+        for r in rows:
+            print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if plot:
+        _plot(root)
+    return rows
+
+
+def _plot(root):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: `pip install matplotlib` to get curves.png")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {}
+    for name in sorted(os.listdir(root)):
+        lc, fj = os.path.join(root, name, "log.csv"), os.path.join(root, name, "final.json")
+        if not os.path.isfile(lc):
+            continue
+        with open(lc) as f:
+            rows = list(csv.DictReader(f))
+        deploy = json.load(open(fj))["deploy"] if os.path.isfile(fj) else None
+        method = name.split("-")[0]
+        if not rows or deploy is None or deploy not in rows[0]:
+            continue
+        c = colors.setdefault(method, f"C{len(colors) % 10}")
+        ax.plot([int(r["epoch"]) for r in rows], [float(r[deploy]) for r in rows], color=c,
+                label=method if method not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 % (deployable model)")
+    ax.legend()
+    path = os.path.join(root, "curves.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sp = argparse.ArgumentParser(description="python common.py summarize RUNS_DIR [--csv]")
+    sp.add_argument("command", choices=["summarize"])
+    sp.add_argument("root", nargs="?", default="runs")
+    sp.add_argument("--csv", action="store_true")
+    a = sp.parse_args()
+    summarize(a.root, a.csv)
