@@ -22,7 +22,9 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
     holdout = 0                  training images held out and passed to on_epoch (KDCL-general).
     param_groups(wd)             optimizer groups (default: every trainable parameter, decay wd).
     after_step()                 called after every optimizer step (EMA teachers, memory banks).
-    on_epoch(epoch, holdout)     called at the start of every training epoch.
+    on_epoch(epoch, holdout)     called at the start of every training epoch (holdout: a Loader or None).
+    on_data(train_labels)        called once, before the optimizer and resume, with the training
+                                 labels on the device (one entry per sample index idx).
 
 Everything else (device, DDP, AMP, schedules, logging, checkpoints) stays here.
 
@@ -600,27 +602,33 @@ def _train(rank, world, args, Method, out, data, device):
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     views = getattr(model, "views", 1)
-    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    step_model = torch.compile(ddp) if args.compile else ddp
-    if world > 1 and args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-
-    if args.bench:
-        return _bench(args, model, step_model, opt, views, num_classes, mean, std, device, amp, out, world)
 
     # ---- data: the holdout (KDCL-general) comes off the training split with a fixed permutation
+    if args.bench:  # synthetic data already on the device, no dataset needed
+        gen = torch.Generator().manual_seed(0)
+        tx = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        ty = torch.randint(0, num_classes, (4 * args.batch_size,), generator=gen)
+        data = (tx, ty, tx[:0], ty[:0])
     tx, ty, vx, vy = data
-    holdout_n = getattr(model, "holdout", 0)
-    hold = None
+    holdout_n, hold = getattr(model, "holdout", 0), None
     if holdout_n:
         perm = np.random.RandomState(args.seed).permutation(len(ty))
         tx, ty, hx, hy = tx[perm[holdout_n:]], ty[perm[holdout_n:]], tx[perm[:holdout_n]], ty[perm[:holdout_n]]
         hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=cuda)
     train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, cuda)
     test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=cuda)
+    if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
+        model.on_data(train_data.y)
+
+    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
+    if world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    step_model = torch.compile(ddp) if args.compile else ddp
+    if args.bench:
+        return _bench(args, model, step_model, opt, train_data, device, amp, out)
 
     ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
     if args.resume:
@@ -759,13 +767,8 @@ def _final(args, out, model, history, rank_sums, device):
           + (f"; {others}" if others else "") + f"; {out}/final.json")
 
 
-def _bench(args, model, step_model, opt, views, num_classes, mean, std, device, amp, out, world):
-    """Time --bench N training steps on synthetic data already on the device."""
-    B = args.batch_size // world
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (B * 4, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, num_classes, (B * 4,), generator=gen)
-    data = Loader(x, y, mean, std, device, B, True, views, channels_last=device.startswith("cuda"))
+def _bench(args, model, step_model, opt, data, device, amp, out):
+    """Time --bench N training steps on synthetic data already on the device (no dataset read)."""
     batches = list(data.epoch(0))
     model.train()
     if hasattr(model, "on_epoch"):
