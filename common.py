@@ -537,7 +537,10 @@ def run(args, Method):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
+        try:
+            mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
+        except mp.ProcessRaisedException as e:  # spawn has already stopped the other ranks
+            fail(f"a training process failed and every rank was stopped; its error:{e}")
     elif "RANK" in os.environ:  # torchrun
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
     else:
@@ -586,6 +589,8 @@ def _worker(rank, world, args, Method, out, data):
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     try:
+        if os.environ.get("OKD_FAIL_RANK") == str(rank):  # tests: one rank dies, the others must not hang
+            raise RuntimeError(f"rank {rank}: failure injected by OKD_FAIL_RANK")
         _train(rank, world, args, Method, out, data, device)
     finally:
         if world > 1 and dist.is_initialized():
@@ -650,16 +655,9 @@ def _train(rank, world, args, Method, out, data, device):
         t0 = time.time()
         sums, names, first_bad, bad_terms, n_steps = None, None, None, None, 0
         for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                loss, terms = step_model(x, y, idx, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if hasattr(model, "after_step"):
-                model.after_step()
-            vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+            names, vals = train_step(model, step_model, opt, x, y, idx, epoch, amp)
             if sums is None:  # loss sums and the first non-finite step stay on the device until the epoch ends
-                names, sums = ["loss"] + list(terms), torch.zeros_like(vals)
+                sums = torch.zeros_like(vals)
                 first_bad = torch.full((), -1, device=vals.device)
                 bad_terms = torch.zeros_like(vals, dtype=torch.bool)
             sums += vals
@@ -705,6 +703,18 @@ def _train(rank, world, args, Method, out, data, device):
             sums = gathered
         if rank == 0:
             _final(args, out, model, history, sums, device)
+
+
+def train_step(model, step_model, opt, x, y, idx, epoch, amp):
+    """One optimizer step. Returns the term names and their values as one device tensor (no host sync)."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        loss, terms = step_model(x, y, idx, epoch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if hasattr(model, "after_step"):
+        model.after_step()
+    return ["loss", *terms], torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
 
 
 def _plain_args(args):
@@ -768,38 +778,54 @@ def _final(args, out, model, history, rank_sums, device):
 
 
 def _bench(args, model, step_model, opt, data, device, amp, out):
-    """Time --bench N training steps on synthetic data already on the device (no dataset read)."""
-    batches = list(data.epoch(0))
+    """Time --bench N training steps on synthetic data already on the device (no dataset read):
+    the loop's path (draw + augment each batch on the device, step, accumulate the terms) and the
+    bare step (forward/backward/SGD on one fixed batch). Their ratio is the loop's overhead."""
     model.train()
     if hasattr(model, "on_epoch"):
         model.on_epoch(0, None)
+    cuda = device.startswith("cuda")
+    fixed = next(data.epoch(0))
 
-    def step(i):
-        xb, yb, idx = batches[i % len(batches)]
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            loss, _ = step_model(xb, yb, idx, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if hasattr(model, "after_step"):
-            model.after_step()
+    def batches():
+        e = 0
+        while True:
+            yield from data.epoch(e)
+            e += 1
 
-    for i in range(3):
-        step(i)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
-    for i in range(args.bench):
-        step(i)
-    sync()
-    dt = time.perf_counter() - t0
+    def loop_steps(n, it):
+        sums = None
+        for _ in range(n):
+            x, y, idx = next(it)
+            _, vals = train_step(model, step_model, opt, x, y, idx, 0, amp)
+            sums = vals if sums is None else sums + vals
+        return sums
+
+    def bare_steps(n, _):
+        for _ in range(n):
+            train_step(model, step_model, opt, *fixed, 0, amp)
+
+    def timed(fn, n):
+        it = batches()
+        fn(3, it)  # warm-up (cudnn autotuning, compilation)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fn(n, it)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    dt_bare = timed(bare_steps, args.bench)
+    dt = timed(loop_steps, args.bench)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
            "images_per_second": round(args.batch_size * args.bench / dt, 1),
            "seconds_per_step": round(dt / args.bench, 5), "peak_memory_bytes": int(peak),
+           "bare_step_images_per_second": round(args.batch_size * args.bench / dt_bare, 1),
+           "loop_over_bare": round(dt_bare / dt, 3),
            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp}
@@ -808,7 +834,8 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"bench {args.method} {args.arch}: {res['images_per_second']:.0f} img/s, "
-          f"{1000 * res['seconds_per_step']:.1f} ms/step, peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
+          f"{1000 * res['seconds_per_step']:.1f} ms/step (bare step {res['bare_step_images_per_second']:.0f} img/s, "
+          f"loop/bare {res['loop_over_bare']:.3f}), peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
 
 
 # =================================================================================================

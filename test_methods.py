@@ -259,3 +259,260 @@ def test_ddp_two_gloo_processes_keep_ranks_identical(data, tmp_path):
     assert fin["processes"] == 2
     s = fin["rank_param_sums"]
     assert s[0] == s[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# robustness: bad input, interruptions and faults (README "When things go wrong")
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,msg", [
+    (["--arch", "resnet33"], "invalid choice: 'resnet33'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--schedule", "20", "10"], "milestones must increase"),
+    (["--schedule", "400"], "milestones must increase and lie in"),
+    (["--batch-size", "0"], "must be positive"),
+    (["--epochs", "-1"], "must be positive"),
+    (["--gpus", "x"], "expected GPU indices"),
+])
+def test_bad_arguments_give_one_clear_error_and_no_run_folder(bad, msg, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        run_main("baseline", "--data-dir", tmp_path, "--out", out, *bad)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_data_names_the_folder_and_layout(tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", tmp_path / "nodata", "--out", out)
+    err = capsys.readouterr().err
+    assert "cifar-100-python" in err and str(tmp_path / "nodata") in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _corrupt(root, kind):
+    fake_cifar(root)
+    path = os.path.join(root, "cifar-100-python", "train")
+    if kind == "truncated":
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:len(raw) // 2])
+    else:
+        d = pickle.load(open(path, "rb"))
+        if kind == "shape":
+            d["data"] = d["data"][:, :1000]
+        else:
+            d["fine_labels"][0] = 100
+        pickle.dump(d, open(path, "wb"))
+
+
+@pytest.mark.parametrize("kind,msg", [("truncated", "cannot read"), ("shape", "expected uint8 data of shape"),
+                                      ("labels", "labels must lie in [0, 100)")])
+def test_corrupt_data_is_a_clear_error(kind, msg, tmp_path):
+    _corrupt(str(tmp_path), kind)
+    with pytest.raises(common.DataError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        common.load_cifar("cifar100", str(tmp_path))
+
+
+def test_existing_run_folder_is_refused_then_force_restarts(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = [*TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", out]
+    run_main("baseline", *args)
+    stamp = os.path.getmtime(out / "final.json")
+    with pytest.raises(SystemExit):
+        run_main("baseline", *args)
+    assert "exists; pass --resume" in capsys.readouterr().err
+    assert os.path.getmtime(out / "final.json") == stamp  # untouched
+    run_main("baseline", *args, "--force")
+    assert len(read_log(out)) == 1
+
+
+def test_resume_with_other_settings_is_refused_naming_the_mismatch(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 2, "--schedule", 1, "--out", out, "--halt-after", 1)
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY[:-1], "0.1", "--data-dir", data, "--epochs", 2, "--schedule", 1, "--out", out,
+                 "--resume")
+    err = capsys.readouterr().err
+    assert "--lr 0.05 (checkpoint) vs 0.1 (now)" in err
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--arch", "resnet14", "--data-dir", data, "--epochs", 2, "--schedule", 1,
+                 "--out", out, "--resume")
+    assert "--arch 'resnet8' (checkpoint) vs 'resnet14' (now)" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_or_with_garbage_is_a_clear_error(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", data, "--out", out, "--resume")
+    assert "no checkpoint at" in capsys.readouterr().err
+    os.makedirs(out)
+    (out / "checkpoint.pt").write_bytes(b"\x80\x04garbage" * 10)
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", data, "--out", out, "--resume")
+    assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + _Evil.marker,))
+
+
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    _Evil.marker = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil()}, path)
+    with pytest.raises(RuntimeError, match="unsafe to unpickle"):
+        common.load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    common.atomic_save({"epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        common.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temp file left behind
+
+
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    path = str(tmp_path / "c.pt")
+    code = ("import sys, torch, common\n"
+            "common.atomic_save({'i': 0, 'w': torch.zeros(1)}, sys.argv[1])\n"
+            "print('ready', flush=True)\n"
+            "i = 0\n"
+            "while True:\n"
+            "    i += 1\n"
+            "    common.atomic_save({'i': i, 'w': torch.randn(3_000_000)}, sys.argv[1])\n")
+    p = subprocess.Popen([sys.executable, "-c", code, path], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    import time
+    time.sleep(1.5)
+    p.kill()
+    p.wait()
+    ck = common.load_checkpoint(path)
+    assert ck["i"] >= 0 and (ck["i"] == 0 or ck["w"].numel() == 3_000_000)
+
+
+def test_sigint_stops_at_a_safe_point_and_resume_matches_uninterrupted(data, tmp_path):
+    import signal
+    import time
+    args = [*TINY, "--data-dir", data, "--epochs", 4, "--schedule", 3]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_main("baseline", *args, "--out", a)
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), *map(str, args), "--out", str(b)],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (b / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, out + err
+    assert "stopped in epoch" in out and not (b / "final.json").exists()
+    kept = common.load_checkpoint(str(b / "checkpoint.pt"))["epoch"]
+    assert 1 <= kept < 4
+    run_main("baseline", *args, "--out", b, "--resume")
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_naming_epoch_step_and_term(data, tmp_path, monkeypatch, capsys):
+    import baseline
+    calls = {"n": 0}
+    real = baseline.Baseline.forward
+
+    def poisoned(self, x, y, idx, epoch):
+        loss, terms = real(self, x, y, idx, epoch)
+        calls["n"] += 1
+        if epoch == 1 and calls["n"] >= 6:  # 4 steps per epoch: epoch 1, step 1 goes bad
+            loss = loss * float("nan")
+            terms = {"ce": terms["ce"] * float("nan")}
+        return loss, terms
+    monkeypatch.setattr(baseline.Baseline, "forward", poisoned)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        run_main("baseline", *TINY, "--data-dir", data, "--epochs", 3, "--schedule", 2, "--out", out)
+    assert e.value.code == 3
+    assert "non-finite loss at epoch 1 step 1 in term(s) loss, ce" in capsys.readouterr().err
+    assert common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1  # the last good epoch
+
+
+def test_ddp_rank_failure_ends_every_rank(data, tmp_path):
+    import time
+    t0 = time.time()
+    env = dict(os.environ, OKD_FAIL_RANK="1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "baseline.py"), "--arch", "resnet8", "--gpus", "0,1",
+                        "--data-dir", data, "--epochs", "2", "--schedule", "1", "--out", str(tmp_path / "r")],
+                       cwd=HERE, capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode != 0
+    assert "failure injected" in p.stderr
+    assert time.time() - t0 < 120
+
+
+# ------------------------------------------------------------------------------------------------
+# speed: behaviour, not time
+# ------------------------------------------------------------------------------------------------
+
+def test_bench_writes_bench_json_without_touching_a_dataset(tmp_path):
+    out = tmp_path / "b"
+    run_main("baseline", *TINY, "--bench", 2, "--data-dir", tmp_path / "absent", "--out", out)
+    b = json.load(open(out / "bench.json"))
+    assert b["steps"] == 2 and b["images_per_second"] > 0 and b["seconds_per_step"] > 0
+    assert b["peak_memory_bytes"] > 0 and b["params_trained"] == common.count_params(common.build_model("resnet8", 100))
+    assert b["device"] == "cpu" and b["torch"] == torch.__version__ and b["threads"] >= 1
+    assert not (tmp_path / "absent").exists()
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def count_syncs_in_steps(monkeypatch, script, *argv):
+    """Run `script --bench` and count host syncs (Tensor.item, .tolist, .cpu, ...) inside train_step."""
+    counts, inside = {"n": 0, "what": []}, {"on": False}
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            if inside["on"]:
+                counts["n"] += 1
+                counts["what"].append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_step = common.train_step
+
+    def step(*a, **k):
+        inside["on"] = True
+        try:
+            return real_step(*a, **k)
+        finally:
+            inside["on"] = False
+    monkeypatch.setattr(common, "train_step", step)
+    run_main(script, *argv)
+    return counts
+
+
+def test_training_step_has_no_host_sync(monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, "dml", *TINY, "--bench", 2, "--out", tmp_path / "b")
+    assert c["n"] == 0, c["what"]
+
+
+def test_sync_counter_detects_a_sync(monkeypatch, tmp_path):
+    """The counter above can fail: a method that calls .item() in its step is caught."""
+    import baseline
+    real = baseline.Baseline.forward
+
+    def syncing(self, x, y, idx, epoch):
+        loss, terms = real(self, x, y, idx, epoch)
+        loss.item()
+        return loss, terms
+    monkeypatch.setattr(baseline.Baseline, "forward", syncing)
+    c = count_syncs_in_steps(monkeypatch, "baseline", *TINY, "--bench", 2, "--out", tmp_path / "b")
+    assert c["n"] > 0

@@ -1,0 +1,124 @@
+"""FFL: Feature Fusion for Online Mutual Knowledge Distillation (Jangho Kim, Minsung Hyun, Inseop Chung,
+Nojun Kwak; ICPR 2020). https://arxiv.org/abs/1904.09058
+
+Idea: N sub-networks share the low stages and each has its own last stage and classifier (FFL-S).
+A fusion module concatenates their last feature maps and learns a fused classifier from them. The
+fused classifier teaches every sub-network, and the sub-networks' ensemble (mean of logits) teaches
+the fused classifier back: knowledge goes round in both directions.
+
+Loss:  sum_i CE(z_i, y) + CE(z_f, y) + w(e) [sum_i T^2 KL(p_f^T || p_i^T) + T^2 KL(p_ens^T || p_f^T)],
+       z_f = Fusion(concat_i F_i), z_ens = mean_i z_i; every KD target (z_f, z_ens) detached.
+
+Fusion module (official our_network.py Fusion_module, generalised from 2 to N maps of C channels):
+concat (N*C) -> depthwise 3x3 conv (no bias) + BN + ReLU -> 1x1 conv N*C -> C (no bias) + BN + ReLU
+-> global average pool -> FC (with bias).
+
+Deviations from the paper and the official code (Jangho-Kim/FFL-pytorch), and choices:
+  - Recipe: the protocol (wd 5e-4 for the sub-networks, zero padding). The official code uses
+    wd 1e-4 (pass --wd 1e-4 to match), reflect padding, and runs 301 epochs (0..300 inclusive);
+    Nesterov and lr 0.1 x0.1 at 150/225 agree. The fusion module has its own weight decay,
+    --fusion-wd, official value 1e-5.
+  - N = --branches sub-networks (official: 2), branch point before the last stage for every --arch
+    (common.split_model at=-1); the fusion module's width C is the branches' last-stage width.
+  - The fused classifier's losses (its CE and KD(fused <- ensemble)) reach the sub-networks and the
+    trunk through the concatenated feature maps, which are not detached, as in the official code.
+  - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch (--rampup 80; 0 turns it off), the official
+    ramp-up. The official KL adds 1e-7 to the target probabilities; kd() here does not.
+  - PyTorch's default initialisation for the fusion module, as for every backbone here (official:
+    He normal, fan-out).
+  - The logged "kd" (sum_i KD(z_i <- z_f)) and "fusion" (KD(z_f <- z_ens)) are the ramped terms, so
+    that loss = ce + ce_f + kd + fusion.
+
+Heads: every sub-network ("branch1" ... deployable: branch1), "fused" (the fusion module's
+classifier) and "ensemble" = mean of the sub-networks' logits (the official code tests
+sub-networks and fused only).
+
+    python ffl.py --arch resnet32 --dataset cifar100 --gpus 0
+    python ffl.py --arch resnet32 --wd 1e-4                       # the official weight decays
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def kd(student, teacher, T):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean.
+    The teacher is detached here: a KD term never trains its target."""
+    return F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher.detach() / T, 1),
+                    reduction="batchmean") * T * T
+
+
+def ffl_loss(logits, fused, y, T, w):
+    """sum_i CE(z_i, y) + CE(z_f, y) + w * [sum_i KD(z_i <- z_f) + KD(z_f <- mean_i z_i)]. Both targets
+    are detached by kd(): z_f is not trained by the branches' KD, the ensemble not by the fused KD.
+    Returns (total, ce, ce_f, kd, fusion) with kd and fusion already multiplied by w."""
+    ensemble = torch.stack(logits).mean(0)
+    ce = sum(F.cross_entropy(z, y) for z in logits)
+    ce_f = F.cross_entropy(fused, y)
+    kl = w * sum(kd(z, fused, T) for z in logits)
+    fusion = w * kd(fused, ensemble, T)
+    return ce + ce_f + kl + fusion, ce, ce_f, kl, fusion
+
+
+class FFL(nn.Module):
+    def __init__(self, args, num_classes):
+        super().__init__()
+        self.trunk, self.branches = common.split_model(args.arch, num_classes, -1, args.branches)
+        c, nc = self.branches[0].fc.in_features, args.branches * self.branches[0].fc.in_features
+        # the fusion module is itself stages + global pool + FC, so common.Net builds it
+        self.fusion = common.Net([common.conv_bn(nc, nc, 3, groups=nc),  # depthwise 3x3 + BN + ReLU
+                                  common.conv_bn(nc, c, 1)],              # pointwise N*C -> C + BN + ReLU
+                                 nn.Linear(c, num_classes))
+        self.T, self.rampup, self.fusion_wd = args.T, args.rampup, args.fusion_wd
+        self.deploy = "branch1"
+
+    def forward(self, x, y, idx, epoch):
+        h = self.trunk(x)
+        outs = [b(h, features=True) for b in self.branches]  # (logits, pooled feature, feature map) each
+        logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
+        fused = self.fusion(torch.cat([f for _, _, f in outs], 1)).float()  # maps not detached (official)
+        total, ce, ce_f, kl, fusion = ffl_loss(logits, fused, y, self.T, common.ramp_up(epoch, self.rampup))
+        return total, {"ce": ce, "ce_f": ce_f, "kd": kl, "fusion": fusion}
+
+    def heads(self, x):
+        h = self.trunk(x)
+        outs = [b(h, features=True) for b in self.branches]
+        logits = [z.float() for z, _, _ in outs]
+        heads = {f"branch{k + 1}": z for k, z in enumerate(logits)}
+        heads["fused"] = self.fusion(torch.cat([f for _, _, f in outs], 1))
+        heads["ensemble"] = torch.stack(logits).mean(0)
+        return heads
+
+    def head_params(self):
+        t = common.count_params(self.trunk)
+        n = {f"branch{k + 1}": t + common.count_params(b) for k, b in enumerate(self.branches)}
+        stages = sum(common.count_params(b.stages) for b in self.branches)  # the fused head needs no branch FC
+        return {**n, "fused": t + stages + common.count_params(self.fusion),
+                "ensemble": t + common.count_params(self.branches)}
+
+    def param_groups(self, wd):
+        """Sub-networks (trunk and branches) decay with --wd, the fusion module with --fusion-wd."""
+        return [{"params": [p for n, p in self.named_parameters() if not n.startswith("fusion.")], "weight_decay": wd},
+                {"params": list(self.fusion.parameters()), "weight_decay": self.fusion_wd}]
+
+
+def main():
+    p = common.parser(__doc__)
+    common.add_arg(p, "--branches", type=int, default=2, help="number of sub-networks N")
+    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--rampup", type=int, default=80, help="epochs of the sigmoid ramp-up of the KD weights; 0: none")
+    common.add_arg(p, "--fusion-wd", type=float, default=1e-5, help="weight decay of the fusion module")
+    args = common.parse(p, "ffl")
+    if "," in args.arch:
+        p.error("ffl.py builds one multi-branch network (FFL-S): give a single --arch")
+    if args.branches < 2:
+        p.error("--branches must be at least 2")
+    if args.T <= 0 or args.rampup < 0 or args.fusion_wd < 0:
+        p.error("--T must be positive, --rampup and --fusion-wd non-negative")
+    common.run(args, FFL)
+
+
+if __name__ == "__main__":
+    main()

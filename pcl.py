@@ -1,0 +1,144 @@
+"""PCL: Peer Collaborative Learning for Online Knowledge Distillation (Guile Wu, Shaogang Gong; AAAI 2021). https://arxiv.org/abs/2006.04147
+
+Idea: one network with a shared trunk (stem, stage 1, stage 2) and m peers, each its own copy of the
+last stage + pool + classifier. Peer j sees its own random augmentation (view j) of the batch. Two
+kinds of teacher are built from the peers themselves, for free:
+  - the peer ensemble teacher: one Linear on the concatenated pooled features of all peers, z_e;
+    it learns from the labels and every peer mimics it;
+  - the peer mean teachers: a temporal mean (EMA of the weights) of trunk + peer l, z'_l; every
+    peer mimics the OTHER peers' mean teachers.
+After training, mean teacher 1 alone is the deployed model (the size of the backbone).
+
+    view j --> trunk --> peer j --> z_j <------ KD ------ z_e <-- Linear <-- [feat_1 .. feat_m]
+                            \\-- feat_j --------------------------------------------^
+    view l --> EMA trunk --> EMA peer l --> z'_l --- KD, weight 1/(m-1) ---> z_j for every j != l
+
+Loss:  CE(z_e, y) + sum_j [ CE(z_j, y) + w(e) KD(z_j <- z_e) + w(e)/(m-1) sum_{l != j} KD(z_j <- z'_l) ],
+       z_e detached in KD only; z'_l = mean teacher l on view l, no gradient; after every step
+       theta'_l <- a_t theta'_l + (1 - a_t) theta_l,  a_t = min(1 - 1/(t+1), 0.999).
+
+Deviations from the paper, and choices (the recipe is the shared protocol, which is PCL's own):
+  - No official code. The public re-implementation (shaoeric/Peer-Collaborative-Learning-for-Online-
+    Knowledge-Distillation) was read for facts; two of its bugs are not copied: its peers are deep
+    copies of one branch (identical initial weights, classifiers included), here every peer and its
+    classifier start from independent weights; its ramp-up divides by the weight instead of the
+    length (KD is off for epochs 2-80), here w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch index e
+    from 0 (--rampup 80; 0 turns it off), for both KD terms.
+  - Mean teachers, weights: the EMA above, t = number of updates before this one, so the first
+    update copies (a_0 = 0). t is a buffer ("step") and the mean teachers are submodules whose
+    parameters have requires_grad=False: the optimizer and DDP skip them, checkpoints hold them,
+    --resume continues the decay schedule exactly. The trunk is shared, so one EMA trunk serves all
+    m mean teachers. They start as copies of trunk + peers (the re-implementation starts them from
+    another random net; a_0 = 0 makes that matter for the first step's targets only).
+  - Mean teachers, BatchNorm: during training they predict in train mode (batch statistics), as in
+    the re-implementation and in Mean Teacher (Tarvainen & Valpola 2017): batch statistics are the
+    ones that fit the averaged weights, and the peers they are compared with use batch statistics
+    too. Their running statistics (used at test time) are neither averaged nor copied from the live
+    net: those same forward passes update them (momentum 0.1), so they are the statistics of the
+    averaged network itself on training views, an online torch.optim.swa_utils.update_bn. Averaged
+    or copied live statistics would describe the live weights, not the averaged ones.
+  - One joint SGD step for trunk, peers and ensemble teacher. Logged terms: "ce" = sum_j CE(z_j, y),
+    "ce_e" = CE(z_e, y), "kd" = w(e) sum_j KD(z_j <- z_e) (from the ensemble teacher), "ema" =
+    w(e)/(m-1) sum_j sum_{l != j} KD(z_j <- z'_l) (from the mean teachers); loss = their sum.
+
+Heads: every peer ("peer1" ...: trunk + peer j), every mean teacher ("mean1" ...: EMA trunk + EMA
+peer j; deployable: mean1) and "ensemble" = the peer ensemble teacher z_e ("PCL-E": trunk + all
+peers + the Linear).
+
+    python pcl.py --arch resnet32 --dataset cifar100 --gpus 0
+    python pcl.py --arch resnet110b --dataset cifar100 --gpus 0,1     # PCL's "ResNet-110"
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def kd(student, teacher, T):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean.
+    The teacher is detached here: a KD term never trains its target."""
+    return F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher.detach() / T, 1),
+                    reduction="batchmean") * T * T
+
+
+def pcl_loss(logits, z_e, z_mean, y, T, w):
+    """CE(z_e, y) + sum_j [CE(z_j, y) + w KD(z_j <- z_e) + w/(m-1) sum_{l != j} KD(z_j <- z'_l)].
+    logits: the peers' z_j; z_e: the ensemble teacher, trained by its CE only (kd() detaches it);
+    z_mean: the mean teachers' z'_l, targets only. Returns (total, {term: value}), kd and ema ramped."""
+    m = len(logits)
+    ce_e = F.cross_entropy(z_e, y)
+    ce = sum(F.cross_entropy(z, y) for z in logits)
+    kd_e = w * sum(kd(z, z_e, T) for z in logits)
+    kd_mean = w / (m - 1) * sum(kd(logits[j], z_mean[l], T) for j in range(m) for l in range(m) if l != j)
+    return ce_e + ce + kd_e + kd_mean, {"ce": ce, "ce_e": ce_e, "kd": kd_e, "ema": kd_mean}
+
+
+class PCL(nn.Module):
+    def __init__(self, args, num_classes):
+        super().__init__()
+        m = args.peers
+        self.trunk, self.peers = common.split_model(args.arch, num_classes, -1, m)  # independent peers
+        self.ensemble = nn.Linear(sum(p.fc.in_features for p in self.peers), num_classes)  # on [feat_1 .. feat_m]
+        # the peer mean teachers: same shapes, start as copies, then only follow the EMA in after_step
+        self.mean_trunk, self.mean_peers = common.split_model(args.arch, num_classes, -1, m)
+        self.mean_trunk.load_state_dict(self.trunk.state_dict())
+        self.mean_peers.load_state_dict(self.peers.state_dict())
+        self.mean_trunk.requires_grad_(False)
+        self.mean_peers.requires_grad_(False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t, saved in checkpoints
+        self.views = m  # peer j trains on view j
+        self.T, self.rampup, self.decay = args.T, args.rampup, args.ema_decay
+        self.deploy = "mean1"
+
+    def forward(self, x, y, idx, epoch):
+        outs = [peer(self.trunk(v), features=True) for peer, v in zip(self.peers, x)]  # the trunk runs once per view
+        logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
+        z_e = self.ensemble(torch.cat([f for _, f, _ in outs], 1)).float()
+        with torch.no_grad():  # mean teachers give targets only; train-mode BN (see the docstring)
+            z_mean = [mp(self.mean_trunk(v)).float() for mp, v in zip(self.mean_peers, x)]
+        return pcl_loss(logits, z_e, z_mean, y, self.T, common.ramp_up(epoch, self.rampup))
+
+    @torch.no_grad()
+    def after_step(self):
+        """theta' <- a_t theta' + (1 - a_t) theta, a_t = min(1 - 1/(t+1), decay), for every parameter of
+        the mean teachers; their BN buffers are left to their own forward passes (see the docstring)."""
+        w = (1.0 / (self.step + 1)).clamp(min=1.0 - self.decay)  # 1 - a_t, a tensor: no host sync
+        live = [*self.trunk.parameters(), *self.peers.parameters()]
+        mean = [*self.mean_trunk.parameters(), *self.mean_peers.parameters()]
+        for p_mean, p in zip(mean, live):
+            p_mean.lerp_(p, w)  # p_mean + w (p - p_mean) = a_t p_mean + (1 - a_t) p
+        self.step.add_(1)
+
+    def heads(self, x):
+        h, h_mean = self.trunk(x), self.mean_trunk(x)
+        outs = [peer(h, features=True) for peer in self.peers]
+        heads = {f"peer{j + 1}": z for j, (z, _, _) in enumerate(outs)}
+        heads.update({f"mean{j + 1}": mp(h_mean) for j, mp in enumerate(self.mean_peers)})
+        heads["ensemble"] = self.ensemble(torch.cat([f for _, f, _ in outs], 1))
+        return heads
+
+    def head_params(self):
+        n = {f"peer{j + 1}": common.count_params(self.trunk, p) for j, p in enumerate(self.peers)}
+        n.update({f"mean{j + 1}": common.count_params(self.mean_trunk, p) for j, p in enumerate(self.mean_peers)})
+        return {**n, "ensemble": common.count_params(self.trunk, self.peers, self.ensemble)}
+
+
+def main():
+    p = common.parser(__doc__)
+    common.add_arg(p, "--peers", type=int, default=3, help="number of peers m")
+    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--rampup", type=int, default=80, help="epochs of the sigmoid ramp-up of both KD weights; 0: none")
+    common.add_arg(p, "--ema-decay", type=float, default=0.999, help="largest decay a_t of the peer mean teachers")
+    args = common.parse(p, "pcl")
+    if "," in args.arch:
+        p.error("pcl.py builds one multi-branch network: give a single --arch")
+    if args.peers < 2:
+        p.error("--peers must be at least 2")
+    if args.T <= 0 or args.rampup < 0 or not 0 <= args.ema_decay < 1:
+        p.error("--T must be positive, --rampup non-negative and --ema-decay in [0, 1)")
+    common.run(args, PCL)
+
+
+if __name__ == "__main__":
+    main()
