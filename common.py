@@ -643,6 +643,8 @@ def _train(rank, world, args, Method, out, data, device):
         history, start = ck["history"], ck["epoch"]
         print(f"resumed {out} at epoch {start}")
     if rank == 0 and start == 0:
+        with open(os.path.join(out, "run.json"), "w") as f:  # lets `summarize` show runs still in progress
+            json.dump(_plain_args(args), f, indent=1)
         print(f"{args.method} {args.arch} {args.dataset}: {count_params(model)} parameters in training, "
               f"{len(ty)} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
     stop = Interrupt()
@@ -842,49 +844,45 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
 # summarize: one table for a folder of runs
 # =================================================================================================
 
+def _mean_std(vals):
+    if not vals:
+        return ""
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return f"{float(np.mean(vals)):.2f} +- {std:.2f} (n={len(vals)})"
+
+
 def summarize(root, as_csv=False, plot=True):
-    """Rows of method x arch x dataset: deployable and ensemble last-epoch accuracy, mean +- std over seeds."""
+    """One row per method x arch x dataset: last-epoch top-1 of the deployable head and of the
+    "ensemble" head as mean +- std over seeds (finished runs), and how many runs are in progress."""
     groups = {}
     for name in sorted(os.listdir(root)):
-        d = os.path.join(root, name)
-        fj, lc = os.path.join(d, "final.json"), os.path.join(d, "log.csv")
-        if os.path.isfile(fj):
-            with open(fj) as f:
-                r = json.load(f)
-            key = (r["method"], r["arch"], r["dataset"])
-            groups.setdefault(key, {"done": [], "running": 0})["done"].append(r)
-        elif os.path.isfile(lc):
-            parts = name.split("-")
-            key = (parts[0], parts[1] if len(parts) > 1 else "?", parts[2] if len(parts) > 2 else "?")
-            groups.setdefault(key, {"done": [], "running": 0})["running"] += 1
+        final, started = os.path.join(root, name, "final.json"), os.path.join(root, name, "run.json")
+        if not os.path.isfile(final) and not os.path.isfile(started):
+            continue
+        with open(final if os.path.isfile(final) else started) as f:
+            r = json.load(f)
+        g = groups.setdefault((r["method"], r["arch"], r["dataset"]), {"done": [], "running": 0})
+        if os.path.isfile(final):
+            g["done"].append(r)
+        else:
+            g["running"] += 1
     rows = []
     for (method, arch, dataset), g in sorted(groups.items()):
-        done = g["done"]
-
-        def stat(vals):
-            if not vals:
-                return ""
-            m = float(np.mean(vals))
-            s = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-            return f"{m:.2f} +- {s:.2f} (n={len(vals)})"
-
-        dep = stat([r["last"][r["deploy"]] for r in done])
-        ens_key = lambda r: next((k for k in r["last"] if "ens" in k.lower() or k.endswith("-E")), None)
-        ens = stat([r["last"][ens_key(r)] for r in done if ens_key(r)])
-        rows.append({"method": method, "arch": arch, "dataset": dataset,
-                     "deploy": done[0]["deploy"] if done else "", "deploy_acc": dep, "ensemble_acc": ens,
-                     "params": done[0]["params"][done[0]["deploy"]] if done else "",
-                     "images_per_second": round(float(np.mean([r["images_per_second"] for r in done])), 1) if done else "",
-                     "epochs": done[0]["epochs"] if done else "",
-                     "status": "done" + (f", {g['running']} running" if g["running"] else "") if done else f"{g['running']} running"})
-    cols = list(rows[0]) if rows else []
+        done, first = g["done"], (g["done"][0] if g["done"] else {})
+        status = ", ".join(([f"{len(done)} done"] if done else []) + ([f"{g['running']} running"] if g["running"] else []))
+        rows.append({"method": method, "arch": arch, "dataset": dataset, "deploy": first.get("deploy", ""),
+                     "deploy_top1": _mean_std([r["last"][r["deploy"]] for r in done]),
+                     "ensemble_top1": _mean_std([r["last"]["ensemble"] for r in done if "ensemble" in r["last"]]),
+                     "params": first["params"][first["deploy"]] if done else "",
+                     "images_per_second": round(float(np.mean([r["images_per_second"] for r in done]))) if done else "",
+                     "epochs": first.get("epochs", ""), "status": status})
+    cols = list(rows[0]) if rows else ["method"]
     if as_csv:
         w = csv.DictWriter(sys.stdout, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
     else:
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "|".join("---" for _ in cols) + "|")
+        print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
         for r in rows:
             print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     if plot:

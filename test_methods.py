@@ -516,3 +516,55 @@ def test_sync_counter_detects_a_sync(monkeypatch, tmp_path):
     monkeypatch.setattr(baseline.Baseline, "forward", syncing)
     c = count_syncs_in_steps(monkeypatch, "baseline", *TINY, "--bench", 2, "--out", tmp_path / "b")
     assert c["n"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# summarize
+# ------------------------------------------------------------------------------------------------
+
+def _fabricate(root, name, method, seed, deploy_acc, ens_acc, finished=True):
+    d = root / name
+    d.mkdir(parents=True)
+    meta = {"method": method, "arch": "resnet32", "dataset": "cifar100", "epochs": 300, "seed": seed}
+    (d / "run.json").write_text(json.dumps(meta))
+    if finished:
+        fin = {**meta, "deploy": "peer1", "last": {"peer1": deploy_acc, "peer2": 1.0, "ensemble": ens_acc},
+               "params": {"peer1": 470000}, "images_per_second": 1000.0}
+        (d / "final.json").write_text(json.dumps(fin))
+
+
+def test_summarize_means_stds_and_unfinished_runs(tmp_path, capsys):
+    _fabricate(tmp_path, "dml-s0", "dml", 0, 70.0, 72.0)
+    _fabricate(tmp_path, "dml-s1", "dml", 1, 72.0, 74.0)
+    _fabricate(tmp_path, "dml-s2", "dml", 2, 0, 0, finished=False)
+    _fabricate(tmp_path, "kdcl-s0", "kdcl", 0, 0, 0, finished=False)
+    rows = common.summarize(str(tmp_path), plot=False)
+    dml = next(r for r in rows if r["method"] == "dml")
+    assert dml["deploy_top1"] == f"71.00 +- {math.sqrt(2):.2f} (n=2)"
+    assert dml["ensemble_top1"] == f"73.00 +- {math.sqrt(2):.2f} (n=2)"
+    assert dml["status"] == "2 done, 1 running" and dml["params"] == 470000
+    kdcl = next(r for r in rows if r["method"] == "kdcl")
+    assert kdcl["status"] == "1 running" and kdcl["deploy_top1"] == ""
+    out = capsys.readouterr().out
+    assert "| dml | resnet32 | cifar100 | peer1 | 71.00 +- 1.41 (n=2)" in out
+
+
+def test_summarize_csv(tmp_path, capsys):
+    _fabricate(tmp_path, "a", "dml", 0, 70.0, 72.0)
+    common.summarize(str(tmp_path), as_csv=True, plot=False)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("method,arch,dataset,deploy,deploy_top1") and lines[1].startswith("dml,resnet32")
+
+
+def test_summarize_plot_written_or_skipped_cleanly(data, tmp_path, capsys, monkeypatch):
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "runs" / "b")
+    capsys.readouterr()
+    try:
+        import matplotlib  # noqa: F401
+        assert common._plot(str(tmp_path / "runs")) == str(tmp_path / "runs" / "curves.png")
+        assert (tmp_path / "runs" / "curves.png").stat().st_size > 0
+    except ImportError:
+        pass
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert common._plot(str(tmp_path / "runs")) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
