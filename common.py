@@ -891,6 +891,7 @@ def summarize(root, as_csv=False, plot=True):
 
 
 def _plot(root):
+    """curves.png: test top-1 per epoch of every run's deployable head, one colour per method."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -901,18 +902,17 @@ def _plot(root):
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {}
     for name in sorted(os.listdir(root)):
-        lc, fj = os.path.join(root, name, "log.csv"), os.path.join(root, name, "final.json")
-        if not os.path.isfile(lc):
+        log, final = os.path.join(root, name, "log.csv"), os.path.join(root, name, "final.json")
+        if not (os.path.isfile(log) and os.path.isfile(final)):
             continue
-        with open(lc) as f:
+        with open(log) as f:
             rows = list(csv.DictReader(f))
-        deploy = json.load(open(fj))["deploy"] if os.path.isfile(fj) else None
-        method = name.split("-")[0]
-        if not rows or deploy is None or deploy not in rows[0]:
-            continue
-        c = colors.setdefault(method, f"C{len(colors) % 10}")
-        ax.plot([int(r["epoch"]) for r in rows], [float(r[deploy]) for r in rows], color=c,
-                label=method if method not in ax.get_legend_handles_labels()[1] else None)
+        with open(final) as f:
+            r = json.load(f)
+        first = r["method"] not in colors
+        c = colors.setdefault(r["method"], f"C{len(colors) % 10}")
+        ax.plot([int(row["epoch"]) for row in rows], [float(row[r["deploy"]]) for row in rows], color=c,
+                label=r["method"] if first else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 % (deployable model)")
     ax.legend()
