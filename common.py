@@ -322,13 +322,12 @@ def crop_flip(x, dy, dx, flip, pad=4):
     """Per-image window [dy:dy+H, dx:dx+W] of x zero-padded by `pad`, mirrored where flip; one gather.
     x: (B, C, H, W) uint8; dy, dx: (B,) ints in [0, 2*pad]; flip: (B,) bool."""
     B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
+    xp = F.pad(x, (pad, pad, pad, pad)).flatten(2)                             # (B, C, Hp*Wp)
     ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     rows = dy[:, None] + ar_h                                                   # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], W - 1 - ar_w, ar_w)         # (B, W)
-    b = torch.arange(B, device=x.device)[:, None, None, None]
-    c = torch.arange(C, device=x.device)[None, :, None, None]
-    return xp[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+    where = rows[:, :, None] * (W + 2 * pad) + cols[:, None, :]                 # (B, H, W) into the padded image
+    return xp.gather(2, where.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
 class Loader:
