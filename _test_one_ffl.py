@@ -110,16 +110,19 @@ def test_one_kd_sends_no_gradient_into_teacher_or_gate_but_teacher_ce_does():
 
 def test_one_rampup_scales_kd_through_the_loss():
     torch.manual_seed(0)
-    m = one.ONE(_oneffl_args(), 10).double()  # float64: the ramped KD is ~1e-5 of the loss at epoch 0
-    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
-    l0, t0 = m(x, y, None, 0)
+    m = one.ONE(_oneffl_args(), 10)
+    with torch.no_grad():  # sharpen the branches so that KD is not lost in the fp32 rounding of the loss
+        for b in m.branches:
+            b.fc.weight.mul_(30)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    l0, t0 = m(x, y, None, 0)  # train-mode BN: the same batch gives the same logits at every epoch
     l80, t80 = m(x, y, None, 80)
     kd0, kd80 = (l0 - t0["ce"] - t0["ce_e"]).item(), (l80 - t80["ce"] - t80["ce_e"]).item()
-    assert kd80 > 0 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-6)
-    assert t0["kd"].item() == pytest.approx(kd0, rel=1e-9)
-    assert m(x, y, None, 200)[0].item() == pytest.approx(l80.item(), rel=1e-12)  # flat after the ramp
+    assert kd80 > 1 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-3)
+    assert (t0["kd"] / t80["kd"]).item() == pytest.approx(math.exp(-5), rel=1e-5)
+    assert m(x, y, None, 200)[0].item() == pytest.approx(l80.item(), rel=1e-6)  # flat after the ramp
     m.rampup = 0  # --rampup 0: full weight from the first epoch
-    assert m(x, y, None, 0)[0].item() == pytest.approx(l80.item(), rel=1e-12)
+    assert m(x, y, None, 0)[0].item() == pytest.approx(l80.item(), rel=1e-6)
 
 
 def test_one_param_count_resnet32_is_trunk_plus_3_branches_plus_gate():
@@ -130,7 +133,8 @@ def test_one_param_count_resnet32_is_trunk_plus_3_branches_plus_gate():
     # trunk: stem 3*16*9 + 2*16 = 464; stage1 5 x 2 x (16*16*9 + 32) = 23360;
     # stage2 (16*32*9 + 64) + (32*32*9 + 64) + (16*32 + 64) + 4 x 2 x (32*32*9 + 64) = 88768
     assert trunk == 464 + 23360 + 88768 == 112592
-    # branch: stage3 (32*64*9 + 128) + (64*64*9 + 128) + (32*64 + 128) + 4 x 2 x (64*64*9 + 128) = 353664; fc 64*100 + 100
+    # branch: stage3 (32*64*9 + 128) + (64*64*9 + 128) + (32*64 + 128) + 4 x 2 x (64*64*9 + 128) = 353664;
+    # fc 64*100 + 100 = 6500
     assert branch == 353664 + 6500 == 360164
     gate = 32 * 3 + 3 + 2 * 3  # Linear(32, 3) + BatchNorm1d(3) weight and bias
     assert common.count_params(m) == trunk + 3 * branch + gate == 1193189
@@ -212,13 +216,17 @@ def test_ffl_detach_semantics():
 
 def test_ffl_rampup_scales_both_kd_terms_through_the_loss():
     torch.manual_seed(0)
-    m = ffl.FFL(_oneffl_args(branches=2), 10).double()
-    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    m = ffl.FFL(_oneffl_args(branches=2), 10)
+    with torch.no_grad():  # sharpen the classifiers so that KD is not lost in the fp32 rounding of the loss
+        for fc in (m.branches[0].fc, m.branches[1].fc, m.fusion.fc):
+            fc.weight.mul_(30)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     l0, t0 = m(x, y, None, 0)
     l80, t80 = m(x, y, None, 80)
     kd0, kd80 = (l0 - t0["ce"] - t0["ce_f"]).item(), (l80 - t80["ce"] - t80["ce_f"]).item()
-    assert kd80 > 0 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-6)
-    assert (t0["fusion"] / t80["fusion"]).item() == pytest.approx(math.exp(-5), rel=1e-6)
+    assert kd80 > 1 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-3)
+    for k in ("kd", "fusion"):
+        assert (t0[k] / t80[k]).item() == pytest.approx(math.exp(-5), rel=1e-5)
 
 
 def test_ffl_param_groups_carry_two_weight_decays():
@@ -248,3 +256,20 @@ def test_ffl_end_to_end(data, tmp_path):
     opt = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["opt"]
     assert [g["weight_decay"] for g in opt["param_groups"]] == [3e-4, 2e-5]
     assert len(opt["param_groups"][1]["params"]) == len(list(m.fusion.parameters()))
+
+
+@pytest.mark.parametrize("script", ["one", "ffl"])
+def test_oneffl_training_step_has_no_host_sync(script, monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, script, *TINY, "--batch-size", 8, "--bench", 2, "--out", tmp_path / "b")
+    assert c["n"] == 0, c["what"]
+
+
+@pytest.mark.parametrize("script,bad,msg", [("one", ["--branches", "1"], "--branches must be at least 2"),
+                                            ("ffl", ["--branches", "1"], "--branches must be at least 2"),
+                                            ("one", ["--arch", "resnet8,resnet14"], "give a single --arch"),
+                                            ("ffl", ["--fusion-wd", "-1"], "--fusion-wd non-negative")])
+def test_oneffl_bad_arguments_are_refused(script, bad, msg, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(script, *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

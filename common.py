@@ -4,9 +4,11 @@ A method file (dml.py, one.py, ...) holds the whole of its method: its losses, i
 modules and its training step. This file holds what a reader of a method does not need to see:
 
   1. BACKBONES  32x32 classifiers by name, each a sequence of stages + pool + linear head, so a
-                method can share the first stages and give every branch its own copy of the rest.
+                method can share the first stages and give every branch its own copy of the rest;
+                torchvision's ImageNet ResNet-18/34/50 and MobileNetV2 cut into stages the same way.
   2. DATA       CIFAR-10/100 held on the training device as uint8, shuffled, cropped, flipped and
-                normalised there in batches; k augmented views per batch on request.
+                normalised there in batches; k augmented views per batch on request. ImageNet-style
+                folders (--dataset imagenet) through DataLoader workers, with the same interface.
   3. LOOP       optimizer, schedule, DDP, bf16 autocast, logging, checkpoints, resume, final.json.
 
 A method is an nn.Module with this contract (see dml.py for the smallest real one):
@@ -241,6 +243,34 @@ ARCHS = {
 }
 
 
+# ---- ImageNet backbones: torchvision's networks (weights=None, torchvision's init) cut into stages,
+# so that split_model, the branches of ONE/PCL/MCL and SOKD's bridge work on them unchanged.
+
+def _tv_resnet(name, num_classes):
+    """torchvision's ImageNet ResNet as stages: stem (conv1, bn1, relu, maxpool), layer1..layer4; fc."""
+    import torchvision
+    m = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    return Net([nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4], m.fc)
+
+
+def _tv_mobilenet_v2(num_classes):
+    """torchvision's ImageNet MobileNetV2 with `features` cut where the resolution halves: stem + first
+    block (1/2), then 1/4, 1/8, 1/16 and 1/32, the last ending with the 1x1 conv to 1280 channels.
+    fc is the classifier's Linear: torchvision's Dropout(0.2) before it is left out (fc stays a Linear)."""
+    import torchvision
+    m = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    f = m.features
+    return Net([f[0:2], f[2:4], f[4:7], f[7:14], f[14:]], m.classifier[1])
+
+
+ARCHS.update({
+    "resnet18": lambda nc: _tv_resnet("resnet18", nc),
+    "resnet34": lambda nc: _tv_resnet("resnet34", nc),
+    "resnet50": lambda nc: _tv_resnet("resnet50", nc),
+    "mobilenet_v2_imagenet": _tv_mobilenet_v2,  # "mobilenetv2" is the 32x32 CIFAR variant above
+})
+
+
 def build_model(arch, num_classes):
     """A backbone by name, e.g. build_model('resnet32', 100)."""
     if arch not in ARCHS:
@@ -377,6 +407,148 @@ class Loader:
             yield (xs[0] if self.views == 1 else xs), self.y[idx], idx
 
 
+# ---- ImageNet-style folders (--dataset imagenet): too big for the device, so DataLoader workers read
+# and augment the images and FolderLoader hands them over with Loader's interface.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _folder_layout(data_dir):
+    return (f"--dataset imagenet expects {data_dir}/train/<class>/<image> and "
+            f"{data_dir}/val/<class>/<image> (ImageFolder layout)")
+
+
+def dataset_info(args):
+    """(num_classes, mean, std) of --dataset: CIFAR's from DATASETS; imagenet: as many classes as
+    class folders in DIR/train (1000 under --bench when there is no folder), ImageNet's statistics."""
+    if args.dataset != "imagenet":
+        return DATASETS[args.dataset][4], *DATASETS[args.dataset][5:7]
+    train = os.path.join(args.data_dir, "train")
+    if not os.path.isdir(train):
+        if getattr(args, "bench", 0):
+            return 1000, IMAGENET_MEAN, IMAGENET_STD
+        raise DataError(f"missing {train}; {_folder_layout(args.data_dir)}")
+    from torchvision.datasets.folder import find_classes
+    try:
+        return len(find_classes(train)[0]), IMAGENET_MEAN, IMAGENET_STD
+    except FileNotFoundError as e:
+        raise DataError(f"{train}: {str(e).strip()}; {_folder_layout(args.data_dir)}") from None
+
+
+def load_image_folders(data_dir):
+    """(train, val) of an ImageFolder tree as lists of (path, label); labels number train's class
+    folders in sorted order, and val must have the same class folders."""
+    from torchvision.datasets import ImageFolder
+    splits = []
+    for name in ("train", "val"):
+        d = os.path.join(data_dir, name)
+        if not os.path.isdir(d):
+            raise DataError(f"missing {d}; {_folder_layout(data_dir)}")
+        try:
+            splits.append(ImageFolder(d))
+        except (FileNotFoundError, OSError) as e:  # no class folder, or a class folder without images
+            raise DataError(f"{d}: {str(e).strip().splitlines()[0]}; {_folder_layout(data_dir)}") from None
+    train, val = splits
+    if train.classes != val.classes:
+        raise DataError(f"{data_dir}/val has other class folders than {data_dir}/train "
+                        f"({len(val.classes)} vs {len(train.classes)}); {_folder_layout(data_dir)}")
+    return train.samples, val.samples
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    """samples[i] = (path, label) -> (uint8 image, or a tuple of `views` independent draws, label, i)."""
+
+    def __init__(self, samples, transform, views):
+        from torchvision.datasets.folder import default_loader
+        self.samples, self.transform, self.views, self.load = samples, transform, views, default_loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img = self.load(path)  # PIL, RGB
+        xs = tuple(self.transform(img) for _ in range(self.views))
+        return (xs[0] if self.views == 1 else xs), label, i
+
+
+class FolderLoader:
+    """Batches of an image-folder split (a list of (path, label)) with Loader's interface: epoch(e)
+    yields (x, y, idx) on `device` (idx: the position in `samples`), len() batches, .y every label.
+
+    DataLoader workers (`workers` per process) decode, crop and flip; images travel as uint8 and are
+    normalised on the device, as in Loader. batch_size is the global batch: each rank takes
+    batch_size // world.
+    train=True: RandomResizedCrop(size) + horizontal flip, `views` independent draws per image; a
+    DistributedSampler shuffles by (seed, epoch) and gives rank `rank` of `world` its share; the
+    workers' random state is seeded by (seed, epoch, rank), so an epoch is the same after a resume
+    (with the same number of processes and workers). The last incomplete batch is dropped: every step
+    has the same size (ONE's BatchNorm1d gate cannot train on a batch of 1).
+    train=False: resize to size*256/224, center crop; this rank's images rank::world, in order."""
+
+    def __init__(self, samples, size, mean, std, device, batch_size, train, views=1, seed=0, rank=0, world=1,
+                 workers=8, channels_last=False):
+        import torchvision.transforms as T
+        self.y = torch.tensor([label for _, label in samples], dtype=torch.long).to(device)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.train, self.views = device, train, views if train else 1
+        self.seed, self.rank, self.channels_last = seed, rank, channels_last
+        if train:
+            tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+        else:
+            tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+        images = _FolderImages(samples, tf, self.views)
+        sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed) if train \
+            else range(rank, len(samples), world)
+        self.gen = torch.Generator()  # seeds the workers' random state (augmentation)
+        # fork on Linux: in a process started by --gpus' mp.spawn the default would be spawn, and every
+        # worker would import torch again at the start of every epoch (workers never touch CUDA)
+        fork = "fork" if workers and sys.platform.startswith("linux") else None
+        self.dl = torch.utils.data.DataLoader(images, max(1, batch_size // world), sampler=sampler,
+                                              num_workers=workers, pin_memory=device.startswith("cuda"),
+                                              drop_last=train, generator=self.gen, multiprocessing_context=fork)
+        if train and len(self.dl) == 0:
+            raise DataError(f"{len(samples)} training images make no full batch of {batch_size // world} "
+                            f"on each of {world} process(es); lower --batch-size")
+
+    def __len__(self):
+        return len(self.dl)
+
+    def normalize(self, x):
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch=0):
+        if self.train:
+            self.dl.sampler.set_epoch(epoch)
+            self.gen.manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + self.rank)
+        for x, y, idx in self.dl:
+            xs = tuple(self.normalize(v.to(self.device, non_blocking=True)) for v in (x if self.views > 1 else [x]))
+            yield (xs[0] if self.views == 1 else xs), y.to(self.device, non_blocking=True), \
+                idx.to(self.device, non_blocking=True)
+
+
+def folder_loaders(args, data, views, holdout, device, rank, world, channels_last=False):
+    """(train, test, holdout) FolderLoaders for --dataset imagenet from load_image_folders' lists. The
+    holdout (KDCL-general) is `holdout` training images chosen by a permutation seeded by --seed, as on
+    CIFAR, taken out of the training set and read with the evaluation transform; None when 0."""
+    train, val = data
+    _, mean, std = dataset_info(args)
+    kw = dict(size=args.image_size, mean=mean, std=std, device=device, workers=args.workers,
+              channels_last=channels_last)
+    hold = None
+    if holdout:
+        if holdout >= len(train):
+            raise DataError(f"a holdout of {holdout} images leaves nothing of the {len(train)} training images")
+        perm = np.random.RandomState(args.seed).permutation(len(train))
+        hold = FolderLoader([train[i] for i in perm[:holdout]], batch_size=args.batch_size, train=False, **kw)
+        train = [train[i] for i in perm[holdout:]]
+    return (FolderLoader(train, batch_size=args.batch_size, train=True, views=views, seed=args.seed, rank=rank,
+                         world=world, **kw),
+            FolderLoader(val, batch_size=args.batch_size, train=False, rank=rank, world=world, **kw), hold)
+
+
 # =================================================================================================
 # 3. LOOP
 # =================================================================================================
@@ -400,15 +572,22 @@ def parser(description):
     p = argparse.ArgumentParser(description=description.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
-    add_arg(p, "--dataset", default="cifar100", choices=list(DATASETS))
+    add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
+            help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     add_arg(p, "--data-dir", default="./data")
-    add_arg(p, "--epochs", type=int, default=300)
-    add_arg(p, "--lr", type=float, default=0.1)
-    add_arg(p, "--batch-size", type=int, default=128, help="global batch, whatever the number of GPUs")
-    add_arg(p, "--wd", type=float, default=5e-4)
+    add_arg(p, "--image-size", type=int, default=None, help="imagenet: training crop, 224 when not given; "
+            "evaluation resizes to size*256/224 and center-crops")
+    add_arg(p, "--workers", type=int, default=8, help="imagenet: DataLoader processes per training process")
+    # None: the dataset's protocol (PROTOCOL), filled in by parse()
+    add_arg(p, "--epochs", type=int, default=None, help="when not given: 300 on CIFAR, 90 on imagenet")
+    add_arg(p, "--lr", type=float, default=None, help="when not given: 0.1 on CIFAR, 0.1 x batch/256 on imagenet")
+    add_arg(p, "--batch-size", type=int, default=None, help="global batch, whatever the number of GPUs; "
+            "when not given: 128 on CIFAR, 256 on imagenet")
+    add_arg(p, "--wd", type=float, default=None, help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
     add_arg(p, "--momentum", type=float, default=0.9)
     add_arg(p, "--no-nesterov", action="store_true")
-    add_arg(p, "--schedule", type=int, nargs="*", default=[150, 225], help="epochs where lr drops x0.1")
+    add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
+            "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
     add_arg(p, "--seed", type=int, default=0)
     add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; no CUDA: CPU (with as many gloo processes)")
@@ -423,13 +602,34 @@ def parser(description):
 
 
 # options that may change between a run and its --resume; every other option must match
-RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after"}
+RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers"}
+
+# the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
+PROTOCOL = {"cifar": {"epochs": 300, "lr": 0.1, "batch_size": 128, "wd": 5e-4, "schedule": [150, 225]},
+            "imagenet": {"epochs": 90, "lr": None, "batch_size": 256, "wd": 1e-4, "schedule": [30, 60, 80],
+                         "image_size": 224}}
+
+
+def protocol_defaults(p, args):
+    """Fill in the options that were not given with the dataset's PROTOCOL (before any validation).
+    The filled-in values are what checkpoints store, so --resume compares like with like."""
+    imagenet = args.dataset == "imagenet"
+    if not imagenet and args.image_size is not None:
+        p.error("--image-size applies to --dataset imagenet only (CIFAR images are 32x32)")
+    for k, v in PROTOCOL["imagenet" if imagenet else "cifar"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
+        args.lr = 0.1 * args.batch_size / 256
+    if imagenet and (args.image_size <= 0 or args.workers < 0):
+        p.error("--image-size must be positive and --workers at least 0")
 
 
 def parse(p, method):
     """Parse and validate: every error here happens before anything is written."""
     args = p.parse_args()
     args.method = method
+    protocol_defaults(p, args)
     for a in args.arch.split(","):
         if a not in ARCHS:
             p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
@@ -519,14 +719,16 @@ def fail(msg):
 def run(args, Method):
     """The whole life of a run: checks, run folder, (DDP) training, final.json."""
     try:
-        data = None if args.bench else load_cifar(args.dataset, args.data_dir)
-        num_classes = DATASETS[args.dataset][4]
+        data = None if args.bench else load_image_folders(args.data_dir) if args.dataset == "imagenet" \
+            else load_cifar(args.dataset, args.data_dir)
+        num_classes = dataset_info(args)[0]
         Method(args, num_classes)  # build once here so that model errors (e.g. SOKD's teacher) come first
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
         fail(e)
     out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
     if not args.bench:
-        _prepare_run_dir(args, out)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs this: rank 0 alone may
+            _prepare_run_dir(args, out)          # check, delete and create the folder (the others write nothing)
     else:
         os.makedirs(out, exist_ok=True)
     world = len(args.devices)
@@ -583,6 +785,8 @@ def _worker(rank, world, args, Method, out, data):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
+        if not cuda:  # CPU processes share the cores instead of each taking all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
@@ -596,11 +800,20 @@ def _worker(rank, world, args, Method, out, data):
             dist.destroy_process_group()
 
 
+def _resume_checkpoint(path, rank, world):
+    """The checkpoint to resume from: rank 0 reads it and sends it to the other ranks, so that the
+    processes on other machines need no shared disk (they never read or write the run folder)."""
+    if world == 1:
+        return load_checkpoint(path)
+    box = [load_checkpoint(path) if rank == 0 else None]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 def _train(rank, world, args, Method, out, data, device):
     cuda = device.startswith("cuda")
     amp = cuda and not args.no_amp
-    num_classes = DATASETS[args.dataset][4]
-    mean, std = DATASETS[args.dataset][5:7]
+    num_classes, mean, std = dataset_info(args)
     torch.manual_seed(args.seed)
     model = Method(args, num_classes).to(device)
     if cuda:
@@ -610,17 +823,23 @@ def _train(rank, world, args, Method, out, data, device):
     # ---- data: the holdout (KDCL-general) comes off the training split with a fixed permutation
     if args.bench:  # synthetic data already on the device, no dataset needed
         gen = torch.Generator().manual_seed(0)
-        tx = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        size = args.image_size or 32  # imagenet: synthetic squares of --image-size through the on-device Loader
+        tx = torch.randint(0, 256, (4 * args.batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
         ty = torch.randint(0, num_classes, (4 * args.batch_size,), generator=gen)
         data = (tx, ty, tx[:0], ty[:0])
-    tx, ty, vx, vy = data
-    holdout_n, hold = getattr(model, "holdout", 0), None
-    if holdout_n:
-        perm = np.random.RandomState(args.seed).permutation(len(ty))
-        tx, ty, hx, hy = tx[perm[holdout_n:]], ty[perm[holdout_n:]], tx[perm[:holdout_n]], ty[perm[:holdout_n]]
-        hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=cuda)
-    train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, cuda)
-    test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=cuda)
+    if args.dataset == "imagenet" and not args.bench:  # DataLoader workers read the folders
+        train_data, test_data, hold = folder_loaders(args, data, views, getattr(model, "holdout", 0), device,
+                                                     rank, world, cuda)
+    else:
+        tx, ty, vx, vy = data
+        holdout_n, hold = (0 if args.bench else getattr(model, "holdout", 0)), None  # --bench: no holdout
+        if holdout_n:
+            perm = np.random.RandomState(args.seed).permutation(len(ty))
+            tx, ty, hx, hy = tx[perm[holdout_n:]], ty[perm[holdout_n:]], tx[perm[:holdout_n]], ty[perm[:holdout_n]]
+            hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=cuda)
+        train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, cuda)
+        test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=cuda)
+    n_train = len(train_data.y)
     if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
         model.on_data(train_data.y)
 
@@ -636,7 +855,7 @@ def _train(rank, world, args, Method, out, data, device):
 
     ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
     if args.resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = _resume_checkpoint(ckpt_path, rank, world)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         history, start = ck["history"], ck["epoch"]
@@ -644,8 +863,9 @@ def _train(rank, world, args, Method, out, data, device):
     if rank == 0 and start == 0:
         with open(os.path.join(out, "run.json"), "w") as f:  # lets `summarize` show runs still in progress
             json.dump(_plain_args(args), f, indent=1)
-        print(f"{args.method} {args.arch} {args.dataset}: {count_params(model)} parameters in training, "
-              f"{len(ty)} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
+        print(f"{args.method} {args.arch} {args.dataset}: "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
+              f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
     stop = Interrupt()
     for epoch in range(start, args.epochs):
         lr = _set_lr(opt, args, epoch)
@@ -686,7 +906,7 @@ def _train(rank, world, args, Method, out, data, device):
         seconds = time.time() - t0
         acc = evaluate(model, test_data, amp, world)
         row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
-               "images_per_second": round(len(ty) / seconds, 1)}
+               "images_per_second": round(n_train / seconds, 1)}
         history.append(row)
         if rank == 0:
             _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs)

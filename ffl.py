@@ -14,12 +14,13 @@ concat (N*C) -> depthwise 3x3 conv (no bias) + BN + ReLU -> 1x1 conv N*C -> C (n
 -> global average pool -> FC (with bias).
 
 Deviations from the paper and the official code (Jangho-Kim/FFL-pytorch), and choices:
-  - Recipe: the protocol (wd 5e-4 for the sub-networks, zero padding). The official code uses
+  - Recipe: the CIFAR protocol (wd 5e-4 for the sub-networks, zero padding). The official code uses
     wd 1e-4 (pass --wd 1e-4 to match), reflect padding, and runs 301 epochs (0..300 inclusive);
     Nesterov and lr 0.1 x0.1 at 150/225 agree. The fusion module has its own weight decay,
     --fusion-wd, official value 1e-5.
-  - N = --branches sub-networks (official: 2), branch point before the last stage for every --arch
-    (common.split_model at=-1); the fusion module's width C is the branches' last-stage width.
+  - Only the official code's shared-trunk setting (FFL-S), with N = --branches sub-networks
+    (official: 2); the paper's separate or heterogeneous sub-networks are not offered. The branch
+    point is the last stage for every --arch (common.split_model at=-1); C is that stage's width.
   - The fused classifier's losses (its CE and KD(fused <- ensemble)) reach the sub-networks and the
     trunk through the concatenated feature maps, which are not detached, as in the official code.
   - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch (--rampup 80; 0 turns it off), the official
@@ -66,10 +67,11 @@ class FFL(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
         self.trunk, self.branches = common.split_model(args.arch, num_classes, -1, args.branches)
-        c, nc = self.branches[0].fc.in_features, args.branches * self.branches[0].fc.in_features
+        c = self.branches[0].fc.in_features  # C: channels of a branch's last feature map
+        cat = args.branches * c
         # the fusion module is itself stages + global pool + FC, so common.Net builds it
-        self.fusion = common.Net([common.conv_bn(nc, nc, 3, groups=nc),  # depthwise 3x3 + BN + ReLU
-                                  common.conv_bn(nc, c, 1)],              # pointwise N*C -> C + BN + ReLU
+        self.fusion = common.Net([common.conv_bn(cat, cat, 3, groups=cat),  # depthwise 3x3 + BN + ReLU
+                                  common.conv_bn(cat, c, 1)],                # pointwise N*C -> C + BN + ReLU
                                  nn.Linear(c, num_classes))
         self.T, self.rampup, self.fusion_wd = args.T, args.rampup, args.fusion_wd
         self.deploy = "branch1"
@@ -87,7 +89,7 @@ class FFL(nn.Module):
         outs = [b(h, features=True) for b in self.branches]
         logits = [z.float() for z, _, _ in outs]
         heads = {f"branch{k + 1}": z for k, z in enumerate(logits)}
-        heads["fused"] = self.fusion(torch.cat([f for _, _, f in outs], 1))
+        heads["fused"] = self.fusion(torch.cat([f for _, _, f in outs], 1)).float()
         heads["ensemble"] = torch.stack(logits).mean(0)
         return heads
 

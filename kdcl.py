@@ -86,7 +86,7 @@ def linear_weights(Z, y, steps=30):
         eta = torch.where(keep, 2 * eta, eta / 2)
     cands = torch.cat([theta.softmax(0)[None], torch.eye(m, device=Z.device)])  # the solution, each student alone
     ce = torch.stack([F.cross_entropy((a.view(m, 1, 1) * Z).sum(0), y) for a in cands])
-    return cands[ce.argmin()]
+    return cands[ce.argmin(0, keepdim=True)][0]  # a (1,) index: a 0-d one would be read on the host
 
 
 def minlogit_target(Z, y):
@@ -116,7 +116,7 @@ def soft_target(Z, y, variant, w=None):
 
 
 def kdcl_loss(logits, y, T, lam, variant, w=None):
-    """Per student i: CE(z_i, y) + lam * KD(z_i <- z_t). Returns (total, ce, kd) summed over students."""
+    """Per student i: CE(z_i, y) + lam * KD(z_i <- z_t). Returns (total, ce, lam * kd) summed over students."""
     Z = torch.stack(logits).detach()  # the target is a constant: no student is trained through it
     z_t = soft_target(Z, y, variant, w)
     ce = sum(F.cross_entropy(z, y) for z in logits)
@@ -132,7 +132,7 @@ class KDCL(nn.Module):
         self.peers = nn.ModuleList(common.build_model(a, num_classes) for a in archs)
         self.T, self.lam, self.variant = args.T, args.lam, args.variant
         self.views = len(self.peers)  # student i trains on its own augmentation x[i]
-        self.holdout = args.val_size if args.variant == "general" else 0
+        self.holdout = args.val_size if args.variant == "general" else 0  # images held out for general's weights
         self.register_buffer("w", torch.full((len(self.peers),), 1 / len(self.peers)))  # general's weights
         self.deploy = "peer1"
 
@@ -143,7 +143,8 @@ class KDCL(nn.Module):
 
     @torch.no_grad()
     def on_epoch(self, epoch, holdout):
-        """general: C on the held-out images (students in eval mode), then w = C^-1 1 / 1^T C^-1 1."""
+        """general: C on the held-out images (students in eval mode), then w = C^-1 1 / 1^T C^-1 1.
+        The holdout is not split between DDP ranks: every rank computes the same weights."""
         if self.variant != "general" or holdout is None:
             return
         was_training = self.training
@@ -176,7 +177,8 @@ def main():
     common.add_arg(p, "--variant", default="minlogit", choices=["naive", "linear", "minlogit", "general"],
                    help="how the soft target is built from the students")
     common.add_arg(p, "--T", type=float, default=3.0, help="temperature; the paper's value was not recovered")
-    common.add_arg(p, "--lam", type=float, default=1.0, help="weight of the KD term; the paper's value was not recovered")
+    common.add_arg(p, "--lam", type=float, default=1.0,
+                   help="weight of the KD term; the paper's value was not recovered")
     common.add_arg(p, "--val-size", type=int, default=5000,
                    help="training images held out to weigh the students (--variant general only)")
     args = common.parse(p, "kdcl")
@@ -187,8 +189,9 @@ def main():
         p.error("--peers must be at least 2")
     if args.T <= 0 or args.lam < 0:
         p.error("--T must be positive and --lam non-negative")
-    if args.variant == "general" and not 0 < args.val_size < 50000:
-        p.error("--val-size must lie in (0, 50000): the held-out images come off the 50000 training images")
+    cifar = args.dataset in common.DATASETS
+    if args.variant == "general" and (args.val_size <= 0 or cifar and args.val_size >= 50000):
+        p.error("--val-size must be positive and leave training images (CIFAR has 50000)")
     common.run(args, KDCL)
 
 

@@ -1,4 +1,5 @@
-"""ONE: Knowledge Distillation by On-the-fly Native Ensemble (Lan, Zhu, Gong; NeurIPS 2018). https://arxiv.org/abs/1806.04606
+"""ONE: Knowledge Distillation by On-the-fly Native Ensemble (Xu Lan, Xiatian Zhu, Shaogang Gong;
+NeurIPS 2018). https://arxiv.org/abs/1806.04606
 
 Idea: one network whose low stages are shared and whose last stage is copied into m branches. A
 gate looks at the shared features and weights the branches' logits per sample; that gated ensemble
@@ -11,7 +12,7 @@ Loss:  sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 KL(p_e^T || p_i^T),  z_e
 Deviations from the paper and the official code (Lan1991Xu/ONE_NeurIPS2018), and choices:
   - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch (--rampup 80, 0 turns it off) is the official
     code's; the paper does not mention a ramp-up.
-  - Recipe: the protocol (wd 5e-4, Nesterov, x0.1 at 150/225, per-dataset normalisation). The
+  - Recipe: the CIFAR protocol (wd 5e-4, Nesterov, x0.1 at 150/225, per-dataset normalisation). The
     official scripts use wd 1e-4, no Nesterov, drops at 151/225 and CIFAR-10 statistics for every
     dataset: pass --wd 1e-4 --no-nesterov to match the optimiser.
   - Pitfall: the official "ResNet-110" is a 164-layer net (Bottleneck blocks, n = 18 per stage,

@@ -4,14 +4,15 @@ Idea: one network with a shared trunk (stem, stage 1, stage 2) and m peers, each
 last stage + pool + classifier. Peer j sees its own random augmentation (view j) of the batch. Two
 kinds of teacher are built from the peers themselves, for free:
   - the peer ensemble teacher: one Linear on the concatenated pooled features of all peers, z_e;
-    it learns from the labels and every peer mimics it;
+    it learns from the labels (that CE also trains the peers and the trunk, through the features)
+    and every peer mimics it;
   - the peer mean teachers: a temporal mean (EMA of the weights) of trunk + peer l, z'_l; every
     peer mimics the OTHER peers' mean teachers.
 After training, mean teacher 1 alone is the deployed model (the size of the backbone).
 
-    view j --> trunk --> peer j --> z_j <------ KD ------ z_e <-- Linear <-- [feat_1 .. feat_m]
-                            \\-- feat_j --------------------------------------------^
-    view l --> EMA trunk --> EMA peer l --> z'_l --- KD, weight 1/(m-1) ---> z_j for every j != l
+    view j --> trunk --> peer j --> z_j, feat_j            (j = 1..m; one trunk, run once per view)
+    [feat_1 .. feat_m] --> Linear --> z_e                   ensemble teacher:  z_e  --KD--> every z_j
+    view l --> EMA trunk --> EMA peer l --> z'_l            mean teacher l:    z'_l --KD--> z_j, j != l
 
 Loss:  CE(z_e, y) + sum_j [ CE(z_j, y) + w(e) KD(z_j <- z_e) + w(e)/(m-1) sum_{l != j} KD(z_j <- z'_l) ],
        z_e detached in KD only; z'_l = mean teacher l on view l, no gradient; after every step

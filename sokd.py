@@ -27,9 +27,9 @@ configs/sokd.yaml), and choices where the spec was open:
      KBM's input is normalised with batch statistics.
   2. The KBM is built with common.split_model(teacher_arch, classes, -1, 1), so it is the last
      stage (+ final norm where the backbone has one) + classifier of ANY backbone; the official
-     code has it for WRN only. Random init, as in the official code (it deep-copies block3, bn1 and
-     fc before the init loop re-draws every weight), but with PyTorch's default initialisers here,
-     not the WRN code's normal(0, sqrt(2/n)) convs.
+     code has it for WRN only. Untrained, random init as in the official code (its KBM is a copy of
+     block3, bn1 and fc made when the net is built: convs re-drawn by the WRN init loop, fc equal to
+     the teacher's fc at initialisation), with PyTorch's default initialisers here.
   3. Its input is the output of the teacher's penultimate stage, computed under no_grad (the
      official code reads the same tensor, feature_T[-3] = block2's output, and detaches it).
   4. --kd-teacher: an optional direct teacher -> student KD term, default 0 as in the official
@@ -52,7 +52,7 @@ Heads: "student" (deployable), "teacher" (frozen, constant over training), "brid
 writes the improved teacher as one plain network in baseline.py's checkpoint format, usable as
 --teacher of another run.
 
-    python sokd.py --dataset cifar100 --gpus 0      # teacher runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt -> wrn_40_1
+    python sokd.py --dataset cifar100 --gpus 0   # runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt -> wrn_40_1
     python sokd.py --arch resnet20 --teacher runs/baseline-resnet56-cifar100-s0/checkpoint.pt
     python sokd.py --export-teacher runs/sokd-wrn_40_1-cifar100-s0   # -> .../improved_teacher.pt
 """
@@ -99,8 +99,9 @@ def load_teacher(path, arch, dataset, num_classes):
     try:
         ck = common.load_checkpoint(path, "teacher checkpoint")
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"{e}; {_train_teacher_hint(arch or 'wrn_40_2', dataset)} "
-                         f"(it writes runs/baseline-<arch>-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
+        a = arch or "wrn_40_2"
+        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
+                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
     meta = ck.get("args") if isinstance(ck, dict) else None
     model = ck.get("model") if isinstance(ck, dict) else None
     if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in common.ARCHS:
@@ -118,8 +119,8 @@ def load_teacher(path, arch, dataset, num_classes):
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
                          + _train_teacher_hint(t_arch, dataset)) from None
-    hist = ck.get("history") or [{}]
-    acc = hist[-1].get("net")
+    hist = ck.get("history")
+    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
     desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
             + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
     return t_arch, net, desc
@@ -191,7 +192,8 @@ def export_improved_teacher(ckpt_path, out_path):
     args = ck.get("args", {}) if isinstance(ck, dict) else {}
     if args.get("method") != "sokd":
         raise ValueError(f"{ckpt_path} is not a sokd.py checkpoint")
-    net = common.build_model(args["teacher_arch"], common.DATASETS[args["dataset"]][4])
+    num_classes = ck["model"]["teacher.fc.weight"].shape[0]
+    net = common.build_model(args["teacher_arch"], num_classes)
     k = len(net.stages) - 1  # index of the last stage, the one the KBM replaces
     state = {}
     for name, v in ck["model"].items():
@@ -213,10 +215,10 @@ def main():
     p = common.parser(__doc__)
     p.set_defaults(arch="wrn_40_1")  # the paper's student (teacher WRN-40-2)
     common.add_arg(p, "--teacher", default=None,
-                   help="baseline.py checkpoint of the frozen teacher (default: "
-                        "runs/baseline-<--teacher-arch or wrn_40_2>-<dataset>-s0/checkpoint.pt)")
-    common.add_arg(p, "--teacher-arch", default=None, help="teacher backbone (default: read from the checkpoint; "
-                                                           "if given, it must match the checkpoint)")
+                   help="baseline.py checkpoint of the frozen teacher; None: "
+                        "runs/baseline-<--teacher-arch or wrn_40_2>-<dataset>-s0/checkpoint.pt")
+    common.add_arg(p, "--teacher-arch", default=None, help="teacher backbone; None: the checkpoint's "
+                                                           "(if given, it must match the checkpoint)")
     common.add_arg(p, "--T", type=float, default=4.0, help="temperature of every KD term (official: 4)")
     common.add_arg(p, "--kd-teacher", type=float, default=0.0,
                    help="weight of a direct teacher -> student KD term (official code: none)")
@@ -235,7 +237,8 @@ def main():
     if "," in args.arch:
         p.error("sokd.py trains one student: give a single --arch")
     if args.teacher_arch is not None and args.teacher_arch not in common.ARCHS:
-        p.error(f"argument --teacher-arch: invalid choice: {args.teacher_arch!r} (choose from {', '.join(common.ARCHS)})")
+        p.error(f"argument --teacher-arch: invalid choice: {args.teacher_arch!r} "
+                f"(choose from {', '.join(common.ARCHS)})")
     if args.T <= 0 or args.kd_teacher < 0:
         p.error("--T must be positive and --kd-teacher non-negative")
     if args.teacher is None:
@@ -247,8 +250,8 @@ def main():
     else:  # checked here, before common.run creates the run folder
         try:
             args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.DATASETS[args.dataset][4])
-        except ValueError as e:
+                                                      common.dataset_info(args)[0])
+        except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")
     common.run(args, SOKD)
