@@ -869,7 +869,8 @@ def _train(rank, world, args, Method, out, data, device):
     stop = Interrupt()
     for epoch in range(start, args.epochs):
         lr = _set_lr(opt, args, epoch)
-        torch.manual_seed(args.seed * 10_007 + epoch)  # randomness inside a step depends on (seed, epoch) only
+        # randomness inside a step (e.g. MCL's negatives) depends on (seed, epoch, rank) only: exact resume
+        torch.manual_seed(args.seed * 10_007 + epoch + 1_000_003 * rank)
         model.train()
         if hasattr(model, "on_epoch"):
             model.on_epoch(epoch, hold)

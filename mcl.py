@@ -30,7 +30,8 @@ Deviations from the paper / official code (winycg/MCL-OKD), and choices where th
     embedding heads are trained with weight decay like the rest.
   - --nce-k defaults to 256 as the official README commands for ResNet-32/110 and DenseNet (the
     script's own default 16384 is used there for VGG-16 and HCGNet: pass --nce-k 16384).
-  - NCE scores are computed in fp32 with autocast off: bf16 dot products would blur exp(<.,.>/0.1).
+  - NCE scores are computed in fp32 with autocast off and without a matmul (which may run in TF32 on
+    CUDA): bf16 or TF32 dot products would blur exp(<.,.>/0.1).
   - Logged terms "ce", "dot", "nce" are unweighted (the loss applies --dot-w and --nce-w).
   - The official script reports the best epoch of the best head; here the last epoch, per head.
 
@@ -92,8 +93,9 @@ def nce_loss(memory, emb, idx, neg, T, eps=1e-7):
         for a in range(nb):
             bank = memory[a][rows]                              # (B, 1 + K, D); a buffer: never trained
             others = [b for b in range(nb) if b != a]
-            e = emb[others].permute(1, 2, 0)                     # (B, D, nb - 1)
-            s = torch.exp(torch.bmm(bank, e) / T)                # (B, 1 + K, nb - 1): one column per pair (a, b)
+            e = emb[others].permute(1, 0, 2)                     # (B, nb - 1, D)
+            # elementwise product + sum, not bmm: on CUDA a matmul may run in TF32, which blurs exp(<.,.>/0.1)
+            s = torch.exp((bank[:, :, None] * e[:, None]).sum(-1) / T)  # (B, 1 + K, nb - 1): a column per pair (a, b)
             Z = s.mean((0, 1)).detach() * N                      # detached: a constant estimate of the partition
             P = s / Z
             pn = K / N

@@ -43,8 +43,8 @@ Deviations from the paper, and choices (the recipe is the shared protocol, which
     w(e)/(m-1) sum_j sum_{l != j} KD(z_j <- z'_l) (from the mean teachers); loss = their sum.
 
 Heads: every peer ("peer1" ...: trunk + peer j), every mean teacher ("mean1" ...: EMA trunk + EMA
-peer j; deployable: mean1) and "ensemble" = the peer ensemble teacher z_e ("PCL-E": trunk + all
-peers + the Linear).
+peer j; deployable: mean1) and "ensemble" = the peer ensemble teacher z_e ("PCL-E": trunk + every
+peer's last stage + the Linear; the peers' classifiers are not part of it).
 
     python pcl.py --arch resnet32 --dataset cifar100 --gpus 0
     python pcl.py --arch resnet110b --dataset cifar100 --gpus 0,1     # PCL's "ResNet-110"
@@ -122,7 +122,9 @@ class PCL(nn.Module):
     def head_params(self):
         n = {f"peer{j + 1}": common.count_params(self.trunk, p) for j, p in enumerate(self.peers)}
         n.update({f"mean{j + 1}": common.count_params(self.mean_trunk, p) for j, p in enumerate(self.mean_peers)})
-        return {**n, "ensemble": common.count_params(self.trunk, self.peers, self.ensemble)}
+        # z_e reads the peers' pooled features: their classifiers are not part of it
+        stages = sum(common.count_params(p.stages) for p in self.peers)
+        return {**n, "ensemble": common.count_params(self.trunk, self.ensemble) + stages}
 
 
 def main():

@@ -1,10 +1,12 @@
 """Tests: CPU, tiny fake CIFAR folders, tiny architectures. Run: python -m pytest -q test_methods.py"""
+import argparse
 import csv
 import importlib
 import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -12,8 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 import common
+import dml
+import ffl
+import kdcl
+import mcl
+import one
+import pcl
+import sokd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -568,3 +579,1238 @@ def test_summarize_plot_written_or_skipped_cleanly(data, tmp_path, capsys, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert common._plot(str(tmp_path / "runs")) is None
     assert "pip install matplotlib" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# DML and KDCL: hand computations in plain Python, independent of torch's losses
+# ------------------------------------------------------------------------------------------------
+
+def _hand_softmax(v, T=1.0):
+    e = [math.exp(a / T) for a in v]
+    return [x / sum(e) for x in e]
+
+
+def _hand_kd(student, teacher, T):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) averaged over rows (lists of lists)."""
+    total = 0.0
+    for s, t in zip(student, teacher):
+        ps, pt = _hand_softmax(s, T), _hand_softmax(t, T)
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    return T * T * total / len(student)
+
+
+def _hand_ce(z, y):
+    return sum(-math.log(_hand_softmax(row)[c]) for row, c in zip(z, y)) / len(z)
+
+
+def test_dml_three_peers_loss_matches_hand_computation():
+    z = [[[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]],
+         [[0.0, 1.5, 0.3], [1.0, -1.0, 2.0]],
+         [[2.0, 0.2, 0.1], [-0.5, 0.0, 0.5]]]
+    y, T = [0, 2], 2.0
+    ce = sum(_hand_ce(zk, y) for zk in z)
+    kl = sum(_hand_kd(z[k], z[l], T) for k in range(3) for l in range(3) if l != k) / 2  # 1/(K-1)
+    total, ce_t, kl_t = dml.dml_loss([torch.tensor(zk) for zk in z], torch.tensor(y), T)
+    assert ce_t.item() == pytest.approx(ce, rel=1e-5)
+    assert kl_t.item() == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(ce + kl, rel=1e-5)
+
+
+def test_dml_kd_sends_no_gradient_into_the_target_peer():
+    torch.manual_seed(0)
+    peers = [common.build_model("resnet8", 10) for _ in range(2)]
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    z1, z2 = peers[0](x), peers[1](x)
+    dml.kd(z1, z2, 1.0).backward()  # peer 1 mimics peer 2
+    assert all(p.grad is None for p in peers[1].parameters())
+    assert peers[0].fc.weight.grad.abs().sum() > 0
+    # in the whole loss, peer k's logits get gradient from its own CE and its own KD terms only
+    z = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
+    dml.dml_loss(z, y, 2.0)[2].backward()
+    for k in range(3):
+        zk = z[k].detach().requires_grad_()
+        own = sum(dml.kd(zk, z[l].detach(), 2.0) for l in range(3) if l != k) / 2
+        (g,) = torch.autograd.grad(own, zk)
+        assert torch.allclose(z[k].grad, g, atol=1e-6)
+
+
+def test_dml_end_to_end_two_archs(data, tmp_path):
+    out = tmp_path / "r"
+    run_main("dml", *TINY, "--arch", "resnet8,wrn_16_1", "--data-dir", data, "--epochs", 2, "--schedule", 1,
+             "--out", out)
+    fin = read_final(out)
+    assert set(fin["last"]) == {"peer1", "peer2", "ensemble"} and fin["deploy"] == "peer1"
+    n1, n2 = (common.count_params(common.build_model(a, 100)) for a in ("resnet8", "wrn_16_1"))
+    assert fin["params"] == {"peer1": n1, "peer2": n2, "ensemble": n1 + n2}
+    log = read_log(out)
+    assert len(log) == 2 and all(math.isfinite(float(r["kd"])) and float(r["kd"]) > 0 for r in log)
+
+
+# ------------------------------------------------------------------------------------------------
+# KDCL
+# ------------------------------------------------------------------------------------------------
+
+def _kdcl_logits(m=3, B=16, C=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, C, (B,), generator=g)
+    hit = lambda: 3 * F.one_hot(y, C) * (torch.rand(B, 1, generator=g) < 0.5)  # sure and right on about half
+    Z = torch.stack([torch.randn(B, C, generator=g) * (1 + i) + hit() for i in range(m)])
+    return Z, y
+
+
+def test_kdcl_loss_matches_hand_computation():
+    z = [[[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]],
+         [[3.0, 0.0, 1.0], [2.0, 0.5, 0.0]]]
+    y, T, lam = [0, 2], 2.0, 0.5
+    # minlogit by hand: sample 0 (y=0): z1 - 1 = [0, 1, -1], z2 - 3 = [0, -3, -2] -> [0, -3, -2]
+    #                   sample 1 (y=2): z1 - 3 = [-3, -2, 0], z2 - 0 = [2, 0.5, 0] -> [-3, -2, 0]
+    t = [[0.0, -3.0, -2.0], [-3.0, -2.0, 0.0]]
+    ce = _hand_ce(z[0], y) + _hand_ce(z[1], y)
+    kl = lam * (_hand_kd(z[0], t, T) + _hand_kd(z[1], t, T))
+    logits = [torch.tensor(zi) for zi in z]
+    assert torch.equal(kdcl.soft_target(torch.stack(logits), torch.tensor(y), "minlogit"), torch.tensor(t))
+    total, ce_t, kl_t = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "minlogit")
+    assert ce_t.item() == pytest.approx(ce, rel=1e-5)
+    assert kl_t.item() == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(ce + kl, rel=1e-5)
+    # general with weights (0.25, 0.75): the weighted sum of logits
+    w = torch.tensor([0.25, 0.75])
+    tg = [[0.25 * a + 0.75 * b for a, b in zip(r1, r2)] for r1, r2 in zip(*z)]
+    _, _, kl_g = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "general", w)
+    assert kl_g.item() == pytest.approx(lam * (_hand_kd(z[0], tg, T) + _hand_kd(z[1], tg, T)), rel=1e-5)
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_kdcl_minlogit_true_class_probability_is_at_least_every_students(T):
+    Z, y = _kdcl_logits()
+    zt = kdcl.minlogit_target(Z, y)
+    assert torch.all(zt.gather(1, y[:, None]) == 0)
+    pt = (zt / T).softmax(1).gather(1, y[:, None])
+    for z in Z:
+        assert torch.all(pt >= (z / T).softmax(1).gather(1, y[:, None]) - 1e-7)
+
+
+def test_kdcl_naive_picks_the_lowest_ce_student_per_sample():
+    y = torch.tensor([0, 1])
+    Z = torch.tensor([[[5.0, 0.0], [0.0, 1.0]],     # student 1: sure and right on sample 0, weak on 1
+                      [[1.0, 0.0], [0.0, 6.0]]])    # student 2: weak on sample 0, sure and right on 1
+    assert torch.equal(kdcl.naive_target(Z, y), torch.tensor([[5.0, 0.0], [0.0, 6.0]]))
+    Z, y = _kdcl_logits()
+    zt = kdcl.naive_target(Z, y)
+    ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in Z])
+    assert torch.allclose(F.cross_entropy(zt, y, reduction="none"), ce.min(0).values)
+    assert all(any(torch.equal(zt[k], z[k]) for z in Z) for k in range(len(y)))  # a row of one student
+
+
+def test_kdcl_linear_weights_on_the_simplex_and_at_the_optimum():
+    for seed in range(3):
+        Z, y = _kdcl_logits(m=3, B=64, C=20, seed=seed)
+        a = kdcl.linear_weights(Z, y)
+        assert torch.all(a >= 0) and a.sum().item() == pytest.approx(1, abs=1e-5)
+        ce = F.cross_entropy(kdcl.soft_target(Z, y, "linear"), y).item()
+        assert ce <= min(F.cross_entropy(z, y).item() for z in Z) + 1e-6
+    # two students right on different halves of the batch: the optimum is inside; a grid finds it
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (64,), generator=g)
+    hit = 4 * F.one_hot(y, 10)
+    Z = torch.stack([torch.randn(64, 10, generator=g) + hit * (torch.arange(64) < 32)[:, None],
+                     2 * torch.randn(64, 10, generator=g) + 2 * hit * (torch.arange(64) >= 32)[:, None]])
+    grid = torch.linspace(0, 1, 401)
+    ces = torch.stack([F.cross_entropy(c * Z[0] + (1 - c) * Z[1], y) for c in grid])
+    assert 0.05 < grid[ces.argmin()] < 0.95
+    ce = F.cross_entropy(kdcl.soft_target(Z, y, "linear"), y)
+    assert ce.item() <= ces.min().item() + 1e-4
+    assert ce.item() < min(ces[0].item(), ces[-1].item()) - 0.05  # better than either student
+
+
+def test_kdcl_general_weights_sum_to_one_and_match_a_hand_solve():
+    a, b, c = 0.5, 0.1, 0.3  # C = [[a, b], [b, c]]: C^-1 1 is proportional to (c - b, a - b)
+    w = kdcl.general_weights(torch.tensor([[a, b], [b, c]]))
+    assert w.tolist() == pytest.approx([(c - b) / (a + c - 2 * b), (a - b) / (a + c - 2 * b)], rel=1e-5)
+    A = torch.randn(3, 5, dtype=torch.float64)
+    C = A @ A.T / 5
+    w = kdcl.general_weights(C)
+    u = torch.linalg.inv(C).sum(1)
+    assert w.sum().item() == pytest.approx(1, abs=1e-6)
+    assert torch.allclose(w.double(), u / u.sum(), atol=1e-5)
+    w = kdcl.general_weights(torch.ones(2, 2))  # two identical students: singular C, the ridge splits evenly
+    assert w.tolist() == pytest.approx([0.5, 0.5])
+
+
+def _kdcl_model(variant="minlogit", arch="resnet8", nc=10, bench=0):
+    args = argparse.Namespace(arch=arch, peers=2, T=3.0, lam=1.0, variant=variant, val_size=20, bench=bench)
+    return kdcl.KDCL(args, nc)
+
+
+def test_kdcl_general_on_epoch_computes_c_from_the_holdout_in_eval_mode(capsys):
+    torch.manual_seed(0)
+    model = _kdcl_model("general")
+    with torch.no_grad():
+        model.peers[1].fc.weight.mul_(20)  # untrained students predict alike and C is near singular
+    assert model.holdout == 20 and model.views == 2
+    assert _kdcl_model("minlogit").holdout == 0
+    g = torch.Generator().manual_seed(0)
+    hx = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g)
+    hy = torch.randint(0, 10, (20,), generator=g)
+    hold = common.Loader(hx, hy, (0.5,) * 3, (0.25,) * 3, "cpu", 8, train=False)
+    model.train()
+    model.on_epoch(3, hold)
+    assert model.training and all(m.training for m in model.modules())  # train mode restored
+    assert "weights recomputed on 20 held-out images before epoch 4" in capsys.readouterr().out
+    model.eval()
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in hold.epoch()])
+        E = [peer(x).softmax(1) - F.one_hot(hy, 10) for peer in model.peers]
+    (a, b), (_, c) = [[(E[i] * E[j]).sum(1).mean().item() for j in range(2)] for i in range(2)]
+    r = 1e-6 * (a + c) / 2  # the ridge
+    w = [(c + r - b) / (a + c + 2 * r - 2 * b), (a + r - b) / (a + c + 2 * r - 2 * b)]
+    assert model.w.tolist() == pytest.approx(w, rel=1e-4)
+    model.on_epoch(0, None)  # --bench passes no holdout: the weights stay
+    assert model.w.tolist() == pytest.approx(w, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["naive", "linear", "minlogit", "general"])
+def test_kdcl_kd_sends_no_gradient_into_the_target(variant):
+    """Each student's logits get gradient from its own CE and KD terms only, never through z_t."""
+    Z, y = _kdcl_logits(m=3)
+    w = torch.tensor([0.5, 0.3, 0.2])
+    z = [zi.clone().requires_grad_() for zi in Z]
+    kdcl.kdcl_loss(z, y, 3.0, 0.7, variant, w)[2].backward()
+    zt = kdcl.soft_target(Z, y, variant, w)
+    for zi in z:
+        leaf = zi.detach().requires_grad_()
+        (g,) = torch.autograd.grad(0.7 * kdcl.kd(leaf, zt, 3.0), leaf)
+        assert torch.allclose(zi.grad, g, atol=1e-6)
+    # with real students on their own views: student 1's KD term leaves student 2 untouched
+    torch.manual_seed(0)
+    model = _kdcl_model(variant)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    z1, z2 = model.peers[0](x1), model.peers[1](x2)
+    yb = torch.tensor([0, 1, 2, 3])
+    zt = kdcl.soft_target(torch.stack([z1, z2]).detach(), yb, variant, model.w)
+    kdcl.kd(z1, zt, 3.0).backward()
+    assert all(p.grad is None for p in model.peers[1].parameters())
+    assert model.peers[0].fc.weight.grad.abs().sum() > 0
+    loss, terms = model((x1, x2), yb, None, 0)  # the step as the loop runs it: one view per student
+    assert set(terms) == {"ce", "kd"} and torch.isfinite(loss)
+    assert loss.item() == pytest.approx((terms["ce"] + terms["kd"]).item(), rel=1e-6)
+
+
+def test_kdcl_end_to_end_two_archs(data, tmp_path):
+    out = tmp_path / "r"
+    run_main("kdcl", *TINY, "--arch", "resnet8,wrn_16_1", "--data-dir", data, "--epochs", 2, "--schedule", 1,
+             "--out", out)
+    fin = read_final(out)
+    assert set(fin["last"]) == {"peer1", "peer2", "ensemble"} and fin["deploy"] == "peer1"
+    n1, n2 = (common.count_params(common.build_model(a, 100)) for a in ("resnet8", "wrn_16_1"))
+    assert fin["params"] == {"peer1": n1, "peer2": n2, "ensemble": n1 + n2}
+    assert fin["args"]["variant"] == "minlogit" and fin["args"]["T"] == 3.0 and fin["args"]["lam"] == 1.0
+    log = read_log(out)
+    assert len(log) == 2 and all(float(r["kd"]) > 0 and float(r["ce"]) > 0 for r in log)
+
+
+def test_kdcl_general_end_to_end_recomputes_the_weights(data, tmp_path, capsys):
+    out = tmp_path / "g"
+    run_main("kdcl", *TINY, "--variant", "general", "--val-size", 64, "--data-dir", data, "--epochs", 2,
+             "--schedule", 1, "--out", out)
+    text = capsys.readouterr().out
+    assert "192 training images" in text  # 256 - 64 held out
+    lines = [l for l in text.splitlines() if "weights recomputed on 64 held-out images" in l]
+    assert len(lines) == 2 and "before epoch 1" in lines[0] and "before epoch 2" in lines[1]
+    w = [float(v) for v in lines[1].split(":")[-1].split()[1::2]]
+    assert sum(w) == pytest.approx(1, abs=1e-3)
+    fin = read_final(out)
+    assert set(fin["last"]) == {"peer1", "peer2", "ensemble"} and fin["deploy"] == "peer1"
+    n = common.count_params(common.build_model("resnet8", 100))
+    assert fin["params"] == {"peer1": n, "peer2": n, "ensemble": 2 * n}
+
+
+@pytest.mark.parametrize("variant", ["naive", "linear", "minlogit", "general"])
+def test_kdcl_loss_has_no_host_sync(monkeypatch, variant):
+    calls = []
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(self, *a, **k))
+    Z, y = _kdcl_logits(m=3)
+    kdcl.kdcl_loss(list(Z.requires_grad_()), y, 3.0, 1.0, variant, torch.tensor([0.5, 0.3, 0.2]))
+    assert calls == []
+
+
+
+def test_kdcl_each_student_trains_on_its_own_view():
+    model = _kdcl_model("minlogit")
+    seen = {}
+    for i, peer in enumerate(model.peers):
+        peer.register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, inp[0]))
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    model((x1, x2), torch.tensor([0, 1, 2, 3]), torch.arange(4), 0)
+    assert seen[0] is x1 and seen[1] is x2
+
+
+# ------------------------------------------------------------------------------------------------
+# ONE and FFL
+# ------------------------------------------------------------------------------------------------
+
+def _oneffl_args(**kw):
+    a = dict(arch="resnet8", branches=3, T=3.0, rampup=80, fusion_wd=1e-5)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def _oneffl_kd(s, t, T):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, batch mean, in plain Python (independent of F.kl_div)."""
+    total = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist()):
+        ps = [math.exp(v / T) for v in srow]
+        pt = [math.exp(v / T) for v in trow]
+        ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    return T * T * total / len(s)
+
+
+def _oneffl_ce(z, y):
+    total = 0.0
+    for row, c in zip(z.tolist(), y.tolist()):
+        total += math.log(sum(math.exp(v) for v in row)) - row[c]
+    return total / len(z)
+
+
+# fixed small logits (2 samples, 3 classes) shared by the hand-computed loss tests
+_Z1 = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+_Z2 = torch.tensor([[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]])
+_Z3 = torch.tensor([[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]])
+_Y = torch.tensor([1, 2])
+
+
+def test_one_teacher_is_the_gate_weighted_sum_on_fixed_tensors():
+    g = torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.5, 0.5]])
+    z_e = one.teacher_logits([_Z1, _Z2, _Z3], g)
+    # sample 1: 0.25*[1,2,0.5] + 0.75*[2,-1,0] = [1.75, -0.25, 0.125]; sample 2: 0.5*[1.5,0.5,-0.5] + 0.5*[-2,1,1]
+    assert torch.allclose(z_e, torch.tensor([[1.75, -0.25, 0.125], [-0.25, 0.75, 0.25]]))
+
+
+def test_one_gate_weights_sum_to_one_and_follow_the_spec():
+    torch.manual_seed(0)
+    m = one.ONE(_oneffl_args(), 10).eval()  # eval: the fresh BN1d has running mean 0, var 1
+    x = torch.randn(5, 3, 32, 32)
+    h = m.trunk(x)
+    g = m.gate_weights(h)
+    assert g.shape == (5, 3) and (g >= 0).all()
+    assert torch.allclose(g.sum(1), torch.ones(5))
+    lin, bn = m.gate[0], m.gate[1]
+    assert lin.in_features == h.shape[1] == 32 and lin.out_features == 3  # resnet8 stage-2 width
+    hand = torch.relu((h.mean((2, 3)) @ lin.weight.t() + lin.bias) / math.sqrt(1 + bn.eps)).softmax(1)
+    assert torch.allclose(g, hand, atol=1e-6)
+    # the "ensemble" head is exactly that weighted sum of the branch heads
+    heads = m.heads(x)
+    assert set(heads) == {"branch1", "branch2", "branch3", "ensemble"}
+    want = sum(g[:, i, None] * heads[f"branch{i + 1}"] for i in range(3))
+    assert torch.allclose(heads["ensemble"], want, atol=1e-6)
+
+
+def test_one_loss_matches_hand_computation():
+    g = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    logits, T, w = [_Z1, _Z2, _Z3], 3.0, 0.4
+    total, ce, ce_e, kl = one.one_loss(logits, g, _Y, T, w)
+    z_e = torch.stack([0.2 * _Z1[0] + 0.3 * _Z2[0] + 0.5 * _Z3[0], 0.6 * _Z1[1] + 0.1 * _Z2[1] + 0.3 * _Z3[1]])
+    assert ce.item() == pytest.approx(sum(_oneffl_ce(z, _Y) for z in logits), rel=1e-5)
+    assert ce_e.item() == pytest.approx(_oneffl_ce(z_e, _Y), rel=1e-5)
+    assert kl.item() == pytest.approx(w * sum(_oneffl_kd(z, z_e, T) for z in logits), rel=1e-5)
+    assert total.item() == pytest.approx(ce.item() + ce_e.item() + kl.item(), rel=1e-6)
+
+
+def test_one_kd_sends_no_gradient_into_teacher_or_gate_but_teacher_ce_does():
+    # on leaf tensors: the KD gradient on z_i is T (p_i^T - p_e^T) / B, the gradient with z_e a constant
+    logits = [z.clone().requires_grad_() for z in (_Z1, _Z2, _Z3)]
+    g = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], requires_grad=True)
+    T = 3.0
+    _, _, _, kl = one.one_loss(logits, g, _Y, T, 1.0)
+    kl.backward()
+    assert g.grad is None or not g.grad.any()  # no path through the teacher into the gate
+    z_e = one.teacher_logits([z.detach() for z in logits], g.detach())
+    for z in logits:
+        want = T * ((z.detach() / T).softmax(1) - (z_e / T).softmax(1)) / len(z)
+        assert torch.allclose(z.grad, want, atol=1e-6)
+    _, _, ce_e, _ = one.one_loss(logits, g, _Y, T, 1.0)
+    ce_e.backward()
+    assert g.grad.abs().sum() > 0
+
+    # in the model: the gate's parameters get gradient from the teacher's CE only
+    torch.manual_seed(0)
+    m = one.ONE(_oneffl_args(), 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _, terms = m(x, y, None, 80)
+    terms["kd"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.gate.parameters())
+    assert m.branches[0].fc.weight.grad.abs().sum() > 0  # the students do learn from it
+    m.zero_grad(set_to_none=True)
+    _, terms = m(x, y, None, 80)
+    terms["ce_e"].backward()
+    assert m.gate[0].weight.grad.abs().sum() > 0 and m.gate[1].weight.grad.abs().sum() > 0
+
+
+def test_one_rampup_scales_kd_through_the_loss():
+    torch.manual_seed(0)
+    m = one.ONE(_oneffl_args(), 10)
+    with torch.no_grad():  # sharpen the branches so that KD is not lost in the fp32 rounding of the loss
+        for b in m.branches:
+            b.fc.weight.mul_(30)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    l0, t0 = m(x, y, None, 0)  # train-mode BN: the same batch gives the same logits at every epoch
+    l80, t80 = m(x, y, None, 80)
+    kd0, kd80 = (l0 - t0["ce"] - t0["ce_e"]).item(), (l80 - t80["ce"] - t80["ce_e"]).item()
+    assert kd80 > 1 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-3)
+    assert (t0["kd"] / t80["kd"]).item() == pytest.approx(math.exp(-5), rel=1e-5)
+    assert m(x, y, None, 200)[0].item() == pytest.approx(l80.item(), rel=1e-6)  # flat after the ramp
+    m.rampup = 0  # --rampup 0: full weight from the first epoch
+    assert m(x, y, None, 0)[0].item() == pytest.approx(l80.item(), rel=1e-6)
+
+
+def test_one_param_count_resnet32_is_trunk_plus_3_branches_plus_gate():
+    m = one.ONE(_oneffl_args(arch="resnet32"), 100)
+    net = common.build_model("resnet32", 100)
+    trunk = common.count_params(*net.stages[:-1])
+    branch = common.count_params(net.stages[-1], net.fc)
+    # trunk: stem 3*16*9 + 2*16 = 464; stage1 5 x 2 x (16*16*9 + 32) = 23360;
+    # stage2 (16*32*9 + 64) + (32*32*9 + 64) + (16*32 + 64) + 4 x 2 x (32*32*9 + 64) = 88768
+    assert trunk == 464 + 23360 + 88768 == 112592
+    # branch: stage3 (32*64*9 + 128) + (64*64*9 + 128) + (32*64 + 128) + 4 x 2 x (64*64*9 + 128) = 353664;
+    # fc 64*100 + 100 = 6500
+    assert branch == 353664 + 6500 == 360164
+    gate = 32 * 3 + 3 + 2 * 3  # Linear(32, 3) + BatchNorm1d(3) weight and bias
+    assert common.count_params(m) == trunk + 3 * branch + gate == 1193189
+    assert common.count_params(m.trunk) == trunk and common.count_params(m.gate) == gate
+    assert m.head_params() == {"branch1": 472756, "branch2": 472756, "branch3": 472756, "ensemble": 1193189}
+    assert trunk + branch == common.count_params(net) == 472756  # a branch head costs the plain resnet32
+
+
+def test_one_end_to_end(data, tmp_path):
+    out = tmp_path / "r"
+    run_main("one", *TINY, "--data-dir", data, "--epochs", 2, "--schedule", 1, "--out", out)
+    fin = read_final(out)
+    assert set(fin["last"]) == {"branch1", "branch2", "branch3", "ensemble"}
+    assert fin["deploy"] == "branch1"
+    m = one.ONE(_oneffl_args(), 100)
+    assert fin["params"]["branch1"] == common.count_params(common.build_model("resnet8", 100))
+    assert fin["params"]["ensemble"] == common.count_params(m)
+    log = read_log(out)
+    assert len(log) == 2
+    for r in log:  # the logged terms add up to the loss (kd is logged ramped)
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["ce_e"]) + float(r["kd"]), rel=1e-4)
+    assert float(log[0]["kd"]) < 0.05 * float(log[0]["ce_e"])  # exp(-5) ramp at epoch 0
+
+
+def test_ffl_fusion_param_count_resnet32_two_branches():
+    m = ffl.FFL(_oneffl_args(arch="resnet32", branches=2), 100)
+    N, C = 2, 64  # two branches, resnet32's last-stage width
+    dw = N * C * 3 * 3            # depthwise 3x3, groups = N*C, no bias: 1152
+    bn1 = 2 * N * C               # BatchNorm2d(128): 256
+    pw = N * C * C                # 1x1 conv 128 -> 64, no bias: 8192
+    bn2 = 2 * C                   # BatchNorm2d(64): 128
+    fc = C * 100 + 100            # Linear(64, 100): 6500
+    assert dw + bn1 + pw + bn2 + fc == 16228
+    assert common.count_params(m.fusion) == 16228
+    convs = [mod for mod in m.fusion.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.groups, c.bias) for c in convs] == [((3, 3), 128, None), ((1, 1), 1, None)]
+    net = common.build_model("resnet32", 100)
+    hp = m.head_params()
+    assert hp["branch1"] == hp["branch2"] == common.count_params(net) == 472756
+    assert hp["ensemble"] == 112592 + 2 * 360164
+    assert hp["fused"] == 112592 + 2 * 353664 + 16228  # trunk + both last stages + fusion, no branch FC
+
+
+def test_ffl_loss_matches_hand_computation():
+    logits, fused, T, w = [_Z1, _Z2], _Z3, 3.0, 0.25
+    total, ce, ce_f, kl, fusion = ffl.ffl_loss(logits, fused, _Y, T, w)
+    ens = (_Z1 + _Z2) / 2
+    assert ce.item() == pytest.approx(_oneffl_ce(_Z1, _Y) + _oneffl_ce(_Z2, _Y), rel=1e-5)
+    assert ce_f.item() == pytest.approx(_oneffl_ce(_Z3, _Y), rel=1e-5)
+    assert kl.item() == pytest.approx(w * (_oneffl_kd(_Z1, _Z3, T) + _oneffl_kd(_Z2, _Z3, T)), rel=1e-5)
+    assert fusion.item() == pytest.approx(w * _oneffl_kd(_Z3, ens, T), rel=1e-5)
+    assert total.item() == pytest.approx(ce.item() + ce_f.item() + kl.item() + fusion.item(), rel=1e-6)
+
+
+def test_ffl_detach_semantics():
+    torch.manual_seed(0)
+    m = ffl.FFL(_oneffl_args(branches=2), 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    no_grad = lambda mod: all(p.grad is None or not p.grad.any() for p in mod.parameters())
+    # KD(branch <- fused): the fused classifier is a target, the fusion module gets nothing
+    _, terms = m(x, y, None, 80)
+    terms["kd"].backward()
+    assert no_grad(m.fusion)
+    assert all(b.fc.weight.grad.abs().sum() > 0 for b in m.branches)
+    # KD(fused <- ensemble): the ensemble is a target, the branch classifiers get nothing; the
+    # fusion module learns, and its input feature maps carry gradient into the branches (official)
+    m.zero_grad(set_to_none=True)
+    _, terms = m(x, y, None, 80)
+    terms["fusion"].backward()
+    assert all(no_grad(b.fc) for b in m.branches)
+    assert m.fusion.fc.weight.grad.abs().sum() > 0
+    assert all(b.stages[0][0].body[0][0].weight.grad.abs().sum() > 0 for b in m.branches)
+    # the fused CE trains the fusion module, not the branch classifiers
+    m.zero_grad(set_to_none=True)
+    _, terms = m(x, y, None, 80)
+    terms["ce_f"].backward()
+    assert m.fusion.fc.weight.grad.abs().sum() > 0 and all(no_grad(b.fc) for b in m.branches)
+
+
+def test_ffl_rampup_scales_both_kd_terms_through_the_loss():
+    torch.manual_seed(0)
+    m = ffl.FFL(_oneffl_args(branches=2), 10)
+    with torch.no_grad():  # sharpen the classifiers so that KD is not lost in the fp32 rounding of the loss
+        for fc in (m.branches[0].fc, m.branches[1].fc, m.fusion.fc):
+            fc.weight.mul_(30)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    l0, t0 = m(x, y, None, 0)
+    l80, t80 = m(x, y, None, 80)
+    kd0, kd80 = (l0 - t0["ce"] - t0["ce_f"]).item(), (l80 - t80["ce"] - t80["ce_f"]).item()
+    assert kd80 > 1 and kd0 / kd80 == pytest.approx(math.exp(-5), rel=1e-3)
+    for k in ("kd", "fusion"):
+        assert (t0[k] / t80[k]).item() == pytest.approx(math.exp(-5), rel=1e-5)
+
+
+def test_ffl_param_groups_carry_two_weight_decays():
+    m = ffl.FFL(_oneffl_args(branches=3, fusion_wd=2e-5), 10)
+    groups = m.param_groups(3e-4)
+    assert [g["weight_decay"] for g in groups] == [3e-4, 2e-5]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[1] == {id(p) for p in m.fusion.parameters()}
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {id(p) for p in m.parameters()}
+    assert sum(len(i) for i in ids) == len(list(m.parameters()))
+
+
+def test_ffl_end_to_end(data, tmp_path):
+    out = tmp_path / "r"
+    run_main("ffl", *TINY, "--data-dir", data, "--epochs", 2, "--schedule", 1, "--out", out,
+             "--wd", "3e-4", "--fusion-wd", "2e-5")
+    fin = read_final(out)
+    assert set(fin["last"]) == {"branch1", "branch2", "fused", "ensemble"}
+    assert fin["deploy"] == "branch1"
+    m = ffl.FFL(_oneffl_args(branches=2), 100)
+    assert fin["params"] == m.head_params()
+    assert fin["params"]["branch1"] == common.count_params(common.build_model("resnet8", 100))
+    log = read_log(out)
+    for r in log:
+        parts = sum(float(r[k]) for k in ("ce", "ce_f", "kd", "fusion"))
+        assert float(r["loss"]) == pytest.approx(parts, rel=1e-4)
+    opt = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["opt"]
+    assert [g["weight_decay"] for g in opt["param_groups"]] == [3e-4, 2e-5]
+    assert len(opt["param_groups"][1]["params"]) == len(list(m.fusion.parameters()))
+
+
+@pytest.mark.parametrize("script", ["one", "ffl"])
+def test_oneffl_training_step_has_no_host_sync(script, monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, script, *TINY, "--batch-size", 8, "--bench", 2, "--out", tmp_path / "b")
+    assert c["n"] == 0, c["what"]
+
+
+@pytest.mark.parametrize("script,bad,msg", [("one", ["--branches", "1"], "--branches must be at least 2"),
+                                            ("ffl", ["--branches", "1"], "--branches must be at least 2"),
+                                            ("one", ["--arch", "resnet8,resnet14"], "give a single --arch"),
+                                            ("ffl", ["--fusion-wd", "-1"], "--fusion-wd non-negative")])
+def test_oneffl_bad_arguments_are_refused(script, bad, msg, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(script, *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# PCL
+# ------------------------------------------------------------------------------------------------
+
+def _pcl_model(arch="resnet8", nc=10, peers=3):
+    torch.manual_seed(0)
+    return pcl.PCL(argparse.Namespace(arch=arch, peers=peers, T=3.0, rampup=80, ema_decay=0.999), nc)
+
+
+def _pcl_views(m=3, B=4, nc=10):
+    """m distinct views of a small batch; 16x16 images (the nets pool globally) keep the test fast."""
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(B, 3, 16, 16, generator=g) for _ in range(m)), torch.arange(B) % nc
+
+
+def _pcl_split(model):
+    live = [*model.trunk.parameters(), *model.peers.parameters()]
+    mean = [*model.mean_trunk.parameters(), *model.mean_peers.parameters()]
+    return live, mean
+
+
+def test_pcl_ema_update_follows_the_formula():
+    """a_t = min(1 - 1/(t+1), 0.999): t=0 copies, t=1 halves, t=2 weighs 2/3, late: 0.999. Hand-set weights."""
+    model = _pcl_model()
+    live, mean = _pcl_split(model)
+    bn_before = {k: v.clone() for k, v in model.named_buffers() if k.startswith("mean_")}
+
+    def set_all(params, value):
+        with torch.no_grad():
+            for p in params:
+                p.fill_(value)
+
+    with torch.no_grad():  # distinct weights everywhere: t = 0 copies each tensor to its own counterpart
+        for i, p in enumerate(live):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    model.after_step()
+    named = dict(model.named_parameters())  # mean_trunk.X <- trunk.X, mean_peers.X <- peers.X
+    assert all(torch.equal(named["mean_" + k], p) for k, p in named.items() if k.startswith(("trunk.", "peers.")))
+    set_all(mean, 7.0)
+    for t, new, expect in [(0, 3.0, 3.0),                       # a_0 = 0: copy
+                           (1, 1.0, 0.5 * 3 + 0.5 * 1),          # a_1 = 1/2 -> 2
+                           (2, 5.0, 2 / 3 * 2 + 1 / 3 * 5),      # a_2 = 2/3 -> 3
+                           (10_000, 4.0, 0.999 * 3 + 0.001 * 4)]:  # capped at 0.999 -> 3.001
+        model.step.fill_(t)
+        set_all(live, new)
+        model.after_step()
+        assert int(model.step) == t + 1
+        assert all(torch.allclose(q, torch.full_like(q, expect), rtol=0, atol=1e-6) for q in mean), t
+        assert all(torch.equal(p, torch.full_like(p, new)) for p in live)  # the live net is untouched
+    # the mean teachers' BN buffers are theirs: the EMA update leaves them alone
+    assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in bn_before.items())
+
+
+def test_pcl_mean_teachers_get_no_gradient_and_no_optimizer_step():
+    model = _pcl_model()
+    live, mean = _pcl_split(model)
+    assert all(not p.requires_grad for p in mean) and all(p.requires_grad for p in live)
+    views, y = _pcl_views()
+    loss, _ = model(views, y, None, 80)
+    loss.backward()
+    assert all(p.grad is None for p in mean)
+    assert all(p.grad is not None for p in [*live, *model.ensemble.parameters()])
+    before = [p.clone() for p in mean]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=5e-4)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, mean))  # only after_step moves them
+
+
+def test_pcl_ensemble_ce_trains_peers_and_trunk_but_kd_does_not_reach_the_ensemble_linear():
+    model = _pcl_model()
+    views, y = _pcl_views()
+    _, terms = model(views, y, None, 80)
+    terms["kd"].backward(retain_graph=True)
+    assert model.ensemble.weight.grad is None and model.ensemble.bias.grad is None  # z_e detached in KD
+    assert all(p.fc.weight.grad.abs().sum() > 0 for p in model.peers)
+    model.zero_grad(set_to_none=True)
+    terms["ce_e"].backward()
+    assert model.ensemble.weight.grad.abs().sum() > 0
+    for peer in model.peers:  # the ensemble's CE reaches every peer's last stage (not its classifier)
+        assert peer.fc.weight.grad is None
+        assert sum(p.grad.abs().sum() for p in peer.stages.parameters()) > 0
+    assert sum(p.grad.abs().sum() for p in model.trunk.parameters()) > 0
+
+
+def test_pcl_peer_j_and_mean_teacher_j_see_view_j():
+    model = _pcl_model()
+    views, y = _pcl_views()
+    seen = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, inp, key=(name, j): seen.__setitem__(key, inp[0].detach()))
+             for name, mods in (("peer", model.peers), ("mean", model.mean_peers)) for j, mod in enumerate(mods)]
+    model(views, y, None, 0)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():  # train mode: batch statistics, so re-running the trunk gives the same features
+        trunk = [model.trunk(v) for v in views]
+        mean_trunk = [model.mean_trunk(v) for v in views]
+    for j in range(3):
+        for k in range(3):
+            assert torch.allclose(seen["peer", j], trunk[k]) == (j == k)
+            assert torch.allclose(seen["mean", j], mean_trunk[k]) == (j == k)
+
+
+def _pcl_hand_kd(s, t, T):
+    pt = torch.softmax(t / T, 1)
+    return T * T * (pt * (torch.log(pt) - torch.log_softmax(s / T, 1))).sum(1).mean()
+
+
+def test_pcl_loss_matches_hand_computation_and_peer_j_skips_its_own_mean_teacher():
+    g = torch.Generator().manual_seed(0)
+    m, B, C, T, w = 3, 4, 5, 3.0, 0.5
+    logits = [torch.randn(B, C, generator=g, requires_grad=True) for _ in range(m)]
+    z_e = torch.randn(B, C, generator=g, requires_grad=True)
+    z_mean = [torch.randn(B, C, generator=g) * 2 for _ in range(m)]
+    y = torch.tensor([0, 1, 2, 4])
+    total, terms = pcl.pcl_loss(logits, z_e, z_mean, y, T, w)
+    ce = sum(-torch.log_softmax(z, 1)[torch.arange(B), y].mean() for z in logits)
+    ce_e = -torch.log_softmax(z_e, 1)[torch.arange(B), y].mean()
+    kd_e = w * sum(_pcl_hand_kd(z, z_e, T) for z in logits)
+    ema = w / 2 * sum(_pcl_hand_kd(logits[j], z_mean[l], T) for j in range(m) for l in range(m) if l != j)
+    for name, want in [("ce", ce), ("ce_e", ce_e), ("kd", kd_e), ("ema", ema)]:
+        assert terms[name].item() == pytest.approx(want.item(), rel=1e-5), name
+    assert total.item() == pytest.approx((ce + ce_e + kd_e + ema).item(), rel=1e-5)
+    # peer 1's loss holds KD from mean teachers 2 and 3 only: moving mean teacher 1 leaves its gradient alone
+    g1 = torch.autograd.grad(total, logits)
+    z_mean[0] = z_mean[0] + 3 * torch.randn(B, C, generator=g)
+    total2, terms2 = pcl.pcl_loss(logits, z_e, z_mean, y, T, w)
+    g2 = torch.autograd.grad(total2, logits)
+    assert terms2["ema"].item() != pytest.approx(terms["ema"].item())
+    assert torch.allclose(g1[0], g2[0], rtol=0, atol=1e-7)
+    assert not torch.allclose(g1[1], g2[1]) and not torch.allclose(g1[2], g2[2])
+
+
+def test_pcl_rampup_is_the_80_epoch_sigmoid():
+    """Both KD terms scale with common.ramp_up(e, 80); the re-implementation's bug gives ~0 at e = 2."""
+    model = _pcl_model()
+    views, y = _pcl_views()
+    with torch.no_grad():  # train mode, same batch: the same logits at every call
+        full = model(views, y, None, 80)[1]
+        for e in (0, 2, 200):
+            terms = model(views, y, None, e)[1]
+            for name in ("kd", "ema"):
+                assert terms[name].item() == pytest.approx(common.ramp_up(e, 80) * full[name].item(), rel=1e-5)
+            assert terms["ce"].item() == pytest.approx(full["ce"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet32"])
+def test_pcl_head_params_mean1_is_the_backbone(arch):
+    model = _pcl_model(arch, 100)
+    n = model.head_params()
+    backbone = common.count_params(common.build_model(arch, 100))
+    assert n["mean1"] == n["mean2"] == n["peer1"] == backbone
+    c = model.peers[0].fc.in_features
+    trunk = common.count_params(model.trunk)
+    fc = c * 100 + 100  # one peer classifier; the ensemble head uses the peers' features, not their classifiers
+    assert n["ensemble"] == trunk + 3 * (backbone - trunk - fc) + 3 * c * 100 + 100
+    assert not torch.equal(model.peers[0].fc.weight, model.peers[1].fc.weight)  # independent peers
+
+
+PCL_TINY = [*TINY, "--batch-size", 16, "--epochs", 2, "--schedule", 1]  # with pcl_data: 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def pcl_data(tmp_path_factory):
+    """32 training images: PCL's step costs ~3 baseline steps (3 views, a mean teacher), so fewer of them."""
+    return fake_cifar(tmp_path_factory.mktemp("pcl_cifar"), n_train=32, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def pcl_run(pcl_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pcl") / "r"
+    run_main("pcl", *PCL_TINY, "--data-dir", pcl_data, "--out", out)
+    return out
+
+
+def test_pcl_end_to_end_writes_every_head(pcl_run):
+    fin = read_final(pcl_run)
+    heads = {"peer1", "peer2", "peer3", "mean1", "mean2", "mean3", "ensemble"}
+    assert fin["deploy"] == "mean1" and set(fin["last"]) == heads and set(fin["params"]) == heads
+    assert fin["params"]["mean1"] == common.count_params(common.build_model("resnet8", 100))
+    log = read_log(pcl_run)
+    for r in log:  # the logged terms add up to the loss; KD terms are on
+        parts = [float(r[k]) for k in ("ce", "ce_e", "kd", "ema")]
+        assert float(r["loss"]) == pytest.approx(sum(parts), rel=1e-4) and min(parts) > 0
+    ck = common.load_checkpoint(os.path.join(pcl_run, "checkpoint.pt"))["model"]
+    assert int(ck["step"]) == 2 * 2  # 2 epochs x 32/16 steps
+    assert not torch.equal(ck["mean_trunk.0.0.weight"], ck["trunk.0.0.weight"])  # an average, not a copy
+
+
+def test_pcl_resume_restores_the_mean_teachers_exactly(pcl_data, tmp_path, pcl_run):
+    b = tmp_path / "b"
+    args = [*PCL_TINY, "--data-dir", pcl_data, "--out", b]
+    run_main("pcl", *args, "--halt-after", 1)
+    assert int(common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]["step"]) == 2
+    run_main("pcl", *args, "--resume")
+    wa = common.load_checkpoint(os.path.join(pcl_run, "checkpoint.pt"))["model"]
+    wb = common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]
+    keys = [k for k in wa if k.startswith("mean_") or k == "step"]
+    assert len(keys) > 10 and any("running_mean" in k for k in keys)
+    assert all(torch.equal(wa[k], wb[k]) for k in keys)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_final(pcl_run)["last"] == read_final(b)["last"]
+
+
+def test_pcl_rejects_bad_options(pcl_data, tmp_path):
+    for bad in (["--peers", 1], ["--arch", "resnet8,resnet14"], ["--ema-decay", 1.0]):
+        with pytest.raises(SystemExit):
+            run_main("pcl", *TINY, *bad, "--data-dir", pcl_data, "--out", tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def _mcl_model(n_train=24, num_classes=10, branches=4, nce_k=8):
+    args = argparse.Namespace(arch="resnet8", branches=branches, T=3.0, dot_w=1.0, nce_w=0.025, feat_dim=16,
+                              nce_k=nce_k, nce_t=0.1, nce_m=0.5, batch_size=8)
+    torch.manual_seed(0)
+    model = mcl.MCL(args, num_classes)
+    labels = torch.arange(n_train) % num_classes
+    model.on_data(labels)
+    return model, labels
+
+
+def test_mcl_negatives_never_share_the_anchor_class():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 2, 0, 1, 2, 0])  # uneven classes, unsorted
+    order, start, count = mcl.class_table(labels, 4)                # class 3 is empty
+    y = labels[torch.randint(0, len(labels), (400,))]
+    neg = mcl.sample_negatives(y, 64, order, start, count)
+    assert neg.shape == (400, 64)
+    assert (labels[neg] != y[:, None]).all()
+    # every image of another class is drawn, roughly uniformly: for class 0 anchors, 8 candidates
+    drawn = neg[y == 0].flatten()
+    assert set(drawn.tolist()) == set(torch.nonzero(labels != 0).flatten().tolist())
+    freq = torch.bincount(drawn, minlength=len(labels))[labels != 0].float() / len(drawn)
+    assert (freq - 1 / 8).abs().max() < 0.03
+
+
+def test_mcl_nce_loss_equals_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    nb, N, D, B, K, T, eps = 3, 7, 5, 2, 3, 0.1, 1e-7
+    memory = F.normalize(torch.randn(nb, N, D, generator=g), dim=2)
+    emb = F.normalize(torch.randn(nb, B, D, generator=g), dim=2)
+    idx = torch.tensor([4, 1])
+    neg = torch.tensor([[0, 2, 2], [6, 3, 5]])
+    got = mcl.nce_loss(memory, emb, idx, neg, T)
+    total = 0.0
+    for a in range(nb):
+        for b in range(nb):
+            if a == b:
+                continue
+            rows = [[int(idx[n])] + [int(j) for j in neg[n]] for n in range(B)]
+            s = [[math.exp(float(memory[a, j] @ emb[b, n]) / T) for j in rows[n]] for n in range(B)]
+            Z = sum(map(sum, s)) / (B * (K + 1)) * N
+            pair = 0.0
+            for n in range(B):
+                P = [v / Z for v in s[n]]
+                pair += math.log(P[0] / (P[0] + K / N + eps)) + sum(math.log((K / N) / (p + K / N + eps)) for p in P[1:])
+            total += -pair / B
+    assert got.item() == pytest.approx(total, rel=1e-5)
+    # the bank receives no gradient, the embeddings do
+    e = emb.clone().requires_grad_()
+    mcl.nce_loss(memory, e, idx, neg, T).backward()
+    assert e.grad.abs().sum() > 0
+
+
+def test_mcl_bank_one_row_per_sample_and_update_touches_only_the_batch():
+    model, labels = _mcl_model(n_train=24)
+    assert model.memory.shape == (4, 24, 16)
+    s = 1 / math.sqrt(16 / 3)
+    assert model.memory.abs().max() <= s and model.memory.abs().max() > 0.8 * s
+    assert "memory" in model.state_dict() and "order" not in model.state_dict()
+    before = model.memory.clone()
+    idx = torch.tensor([3, 17, 0, 9, 22, 5, 11, 14])
+    x = torch.randn(8, 3, 32, 32)
+    loss, terms = model(x, labels[idx], idx, 0)
+    assert set(terms) == {"ce", "dot", "nce"}
+    emb = model._stash[0].clone()
+    model.after_step()
+    after = model.memory
+    assert torch.allclose(after[:, idx].norm(dim=2), torch.ones(4, 8), atol=1e-6)
+    expect = F.normalize(0.5 * before[:, idx] + 0.5 * emb, dim=2)
+    assert torch.allclose(after[:, idx], expect, atol=1e-6)
+    rest = torch.ones(24, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(after[:, rest], before[:, rest])
+
+
+def test_mcl_dot_trains_only_the_last_branch():
+    model, labels = _mcl_model()
+    idx = torch.arange(8)
+    model(torch.randn(8, 3, 32, 32), labels[idx], idx, 0)
+    h = model.trunk(torch.randn(8, 3, 32, 32))
+    logits = [b(h).float() for b in model.branches]
+    model.zero_grad(set_to_none=True)
+    mcl.dot_loss(logits, 3.0).backward()
+    for b in model.branches[:-1]:
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in b.parameters())
+    assert all(p.grad is not None for p in model.branches[-1].parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.trunk.parameters())
+    # the hand formula: T^2 KL(softmax(mean/T) || softmax(last/T)), batch mean
+    t = F.softmax(torch.stack(logits).mean(0) / 3, 1)
+    ref = 9 * (t * (t.log() - F.log_softmax(logits[-1] / 3, 1))).sum(1).mean()
+    assert mcl.dot_loss(logits, 3.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mcl_heads_and_params():
+    model, _ = _mcl_model()
+    model.eval()
+    heads = model.heads(torch.randn(2, 3, 32, 32))
+    assert list(heads) == ["branch1", "branch2", "branch3", "branch4", "ensemble"]
+    assert torch.allclose(heads["ensemble"], torch.stack([heads[f"branch{k}"] for k in range(1, 5)]).mean(0))
+    n = model.head_params()
+    # a branch + the trunk is exactly one whole resnet8
+    assert n["branch4"] == common.count_params(common.build_model("resnet8", 10))
+    assert model.deploy == "branch4"
+
+
+def test_mcl_end_to_end_and_resume_restores_the_banks(tmp_path):
+    small = fake_cifar(tmp_path / "data", n_train=128, n_test=64)  # 2 steps per epoch: 4 branches x 3 runs
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*TINY, "--data-dir", small, "--epochs", 2, "--schedule", 1]
+    run_main("mcl", *args, "--out", a)
+    fin = read_final(a)
+    assert fin["deploy"] == "branch4"
+    assert set(fin["last"]) == {"branch1", "branch2", "branch3", "branch4", "ensemble"}
+    assert fin["params"]["branch4"] == common.count_params(common.build_model("resnet8", 100))
+    log = read_log(a)
+    assert all(float(r["nce"]) > 0 and float(r["dot"]) >= 0 for r in log)
+    run_main("mcl", *args, "--out", b, "--halt-after", 1)
+    assert not os.path.exists(b / "final.json")
+    mem1 = common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]["memory"]
+    run_main("mcl", *args, "--out", b, "--resume")
+    wa, wb = (common.load_checkpoint(os.path.join(o, "checkpoint.pt"))["model"] for o in (a, b))
+    assert wa["memory"].shape == (4, 128, 128)
+    assert not torch.equal(wb["memory"], mem1)          # epoch 2 did update the restored banks
+    assert torch.equal(wa["memory"], wb["memory"])       # bit-identical to the uninterrupted run
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------------------------
+# sokd
+# ------------------------------------------------------------------------------------------------
+
+def _sokd_teacher(path, arch="resnet8", dataset="cifar100", seed=0):
+    """A baseline.py-format checkpoint of an untrained `arch` with made-up BN statistics."""
+    torch.manual_seed(seed)
+    net = common.build_model(arch, common.DATASETS[dataset][4])
+    for m in net.modules():  # non-trivial running statistics, so that a BN update would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save({"model": {"net." + k: v for k, v in net.state_dict().items()}, "epoch": 1,
+                "history": [{"epoch": 1, "net": 1.0}],
+                "args": {"arch": arch, "dataset": dataset, "method": "baseline", "epochs": 1}}, path)
+    return str(path)
+
+
+def _sokd_model(path, arch="resnet8", teacher_arch=None, kd_teacher=0.0):
+    args = argparse.Namespace(arch=arch, teacher=path, teacher_arch=teacher_arch, dataset="cifar100",
+                              T=4.0, kd_teacher=kd_teacher)
+    return sokd.SOKD(args, 100)
+
+
+def _sokd_kd_by_hand(s, t, T):
+    ps, pt = (s / T).softmax(1), (t / T).softmax(1)
+    return T * T * (pt * (pt.log() - ps.log())).sum(1).mean()
+
+
+def test_sokd_losses_match_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    z_a, z_t, z_s = (torch.randn(4, 5, generator=g) * 3 for _ in range(3))
+    y = torch.tensor([0, 3, 1, 4])
+    ce = lambda z: -z.log_softmax(1)[torch.arange(4), y].mean()
+    total, ce_b, kd_b = sokd.bridge_loss(z_a, z_t, z_s, y, 4.0)
+    assert ce_b.item() == pytest.approx(ce(z_a).item(), rel=1e-5)
+    by_hand = _sokd_kd_by_hand(z_a, z_t, 4) + _sokd_kd_by_hand(z_a, z_s, 4)
+    assert kd_b.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert total.item() == pytest.approx(ce_b.item() + kd_b.item(), rel=1e-6)
+    total, ce_s, kl, kl_t = sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.5)
+    assert ce_s.item() == pytest.approx(ce(z_s).item(), rel=1e-5)
+    assert kl.item() == pytest.approx(_sokd_kd_by_hand(z_s, z_a, 4).item(), rel=1e-5)
+    assert kl_t.item() == pytest.approx(0.5 * _sokd_kd_by_hand(z_s, z_t, 4).item(), rel=1e-5)
+    assert total.item() == pytest.approx(ce_s.item() + kl.item() + kl_t.item(), rel=1e-6)
+    assert sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.0)[3].item() == 0.0
+
+
+def test_sokd_frozen_teacher_is_bit_identical_after_training_steps(tmp_path):
+    model = _sokd_model(_sokd_teacher(tmp_path / "t.pt"), kd_teacher=1.0)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    student0 = model.student.fc.weight.clone()
+    model.train()
+    assert model.training and model.student.training and model.bridge.training and not model.teacher.training
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 100, (4,), generator=g)
+        loss, terms = model(x, y, None, 0)
+        assert set(terms) == {"ce", "kd", "ce_b", "kd_b", "kd_t"}
+        assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers (counts included)
+    assert not torch.equal(student0, model.student.fc.weight)    # while the student did train
+
+
+def test_sokd_each_module_gets_gradient_from_its_own_loss_only(tmp_path):
+    model = _sokd_model(_sokd_teacher(tmp_path / "t.pt"), kd_teacher=1.0).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+
+    def grads(term_names):
+        model.zero_grad(set_to_none=True)
+        _, terms = model(x, y, None, 0)
+        sum(terms[n] for n in term_names).backward()
+        has = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        return has(model.student), has(model.bridge), any(p.grad is not None for p in model.teacher.parameters())
+
+    assert grads(["ce_b", "kd_b"]) == (False, True, False)      # z_S detached in the bridge's KD
+    assert grads(["kd_b"]) == (False, True, False)
+    assert grads(["ce", "kd", "kd_t"]) == (True, False, False)  # z_A detached in the student's KD
+    assert grads(["kd"]) == (True, False, False)
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "vgg8"])
+def test_sokd_bridge_is_the_teachers_last_stage_and_classifier(tmp_path, arch):
+    model = _sokd_model(_sokd_teacher(tmp_path / "t.pt", arch), arch="resnet8")
+    t = model.teacher
+    assert common.count_params(model.bridge) == common.count_params(t.stages[-1], t.fc)
+    hp = model.head_params()
+    assert hp == {"student": common.count_params(common.build_model("resnet8", 100)),
+                  "teacher": common.count_params(t), "bridge": common.count_params(t)}
+    # fresh init, not the teacher's weights
+    assert not torch.equal(model.bridge.fc.weight, t.fc.weight)
+
+
+def test_sokd_missing_teacher_is_a_clear_error_and_creates_no_run_folder(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        run_main("sokd", *TINY, "--data-dir", data, "--teacher", tmp_path / "nope.pt", "--out", out)
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "nope.pt" in err and "python baseline.py --arch wrn_40_2 --dataset cifar100" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sokd_wrong_teacher_arch_or_dataset_is_a_clear_error(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    path = _sokd_teacher(tmp_path / "t.pt", "resnet8")
+    with pytest.raises(SystemExit) as e:
+        run_main("sokd", *TINY, "--data-dir", data, "--teacher", path, "--teacher-arch", "wrn_16_1", "--out", out)
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "resnet8" in err and "python baseline.py --arch wrn_16_1 --dataset cifar100" in err
+    assert not out.exists()
+    c10 = _sokd_teacher(tmp_path / "c10.pt", "resnet8", dataset="cifar10")
+    with pytest.raises(SystemExit):
+        run_main("sokd", *TINY, "--data-dir", data, "--teacher", c10, "--out", out)
+    assert "python baseline.py --arch resnet8 --dataset cifar100" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sokd_end_to_end_with_a_baseline_teacher_and_export(tmp_path):
+    data = fake_cifar(tmp_path / "cifar", n_train=128, n_test=64)  # half the shared fixture: three nets train here
+    t_out, s_out = tmp_path / "teacher", tmp_path / "sokd"
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", t_out)
+    run_main("sokd", *TINY, "--data-dir", data, "--teacher", t_out / "checkpoint.pt",
+             "--epochs", 2, "--schedule", 1, "--out", s_out)
+    fin, log = read_final(s_out), read_log(s_out)
+    assert fin["deploy"] == "student" and set(fin["last"]) == {"student", "teacher", "bridge"}
+    n = common.count_params(common.build_model("resnet8", 100))
+    assert fin["params"] == {"student": n, "teacher": n, "bridge": n}
+    assert fin["args"]["teacher_arch"] == "resnet8"
+    assert {"ce", "kd", "ce_b", "kd_b"} <= set(log[0]) and "kd_t" not in log[0]
+    # the teacher head is the frozen eval-mode baseline net: its accuracy never moves
+    t_acc = read_final(t_out)["last"]["net"]
+    assert [float(r["teacher"]) for r in log] == [t_acc, t_acc]
+    ck = common.load_checkpoint(str(s_out / "checkpoint.pt"))["model"]
+    base = common.load_checkpoint(str(t_out / "checkpoint.pt"))["model"]
+    assert all(torch.equal(ck["teacher." + k[4:]], v) for k, v in base.items())
+    # the exported improved teacher computes the bridge head and loads as a teacher
+    exp = tmp_path / "improved.pt"
+    net = sokd.export_improved_teacher(str(s_out), str(exp)).eval()
+    model = _sokd_model(str(t_out / "checkpoint.pt"))
+    model.load_state_dict(ck)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model.heads(x)["bridge"], atol=1e-5)
+        arch, loaded, _ = sokd.load_teacher(str(exp), "resnet8", "cifar100", 100)
+        assert arch == "resnet8" and torch.allclose(loaded.eval()(x), model.heads(x)["bridge"], atol=1e-5)
+        assert not torch.allclose(net(x), model.heads(x)["teacher"], atol=1e-3)
+
+
+# red and green fixed by the class (labels can be read off the pixels), blue a horizontal ramp (crops differ)
+IMAGENET_RED = (20, 100, 180)
+
+
+def fake_image_folder(root, n_train=8, n_val=4, classes=3):
+    """A tiny ImageFolder tree root/train/classK/*.png, root/val/classK/*.png of 40x36 images."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                img = np.zeros((36, 40, 3), np.uint8)
+                img[..., 0], img[..., 1], img[..., 2] = IMAGENET_RED[c], 200 - 60 * c, np.arange(40) * 5 + 5 * i
+                Image.fromarray(img).save(os.path.join(d, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return fake_image_folder(tmp_path_factory.mktemp("imagenet"))
+
+
+IMAGENET_TINY = ["--dataset", "imagenet", "--image-size", 32, "--batch-size", 8, "--workers", 1,
+                 "--epochs", 1, "--schedule"]
+
+
+def _torchrun(script, *argv, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           os.path.join(HERE, script + ".py"), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: two gloo processes, through --gpus 0,1 (mp.spawn) and through torchrun
+# ------------------------------------------------------------------------------------------------
+
+def test_imagenet_baseline_under_torchrun_two_processes(folder, tmp_path):
+    out = tmp_path / "b"
+    r = _torchrun("baseline", *IMAGENET_TINY, "--arch", "resnet18", "--data-dir", folder, "--gpus", "cpu",
+                  "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fin = read_final(out)
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert fin["dataset"] == "imagenet" and set(fin["last"]) == {"net"}
+    assert fin["params"]["net"] == common.count_params(torchvision.models.resnet18(num_classes=3))  # 3 class folders
+    a = fin["args"]  # the ImageNet protocol where not given: lr 0.1 x 8/256, wd 1e-4
+    assert a["lr"] == 0.1 * 8 / 256 and a["wd"] == 1e-4 and a["image_size"] == 32 and a["schedule"] == []
+    assert "24 training images" in r.stdout
+
+
+def test_imagenet_one_two_gloo_processes(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on a shared CPU: no OpenMP oversubscription
+    out = tmp_path / "one"
+    r = run_cli("one", *IMAGENET_TINY, "--arch", "resnet8", "--data-dir", folder, "--gpus", "0,1", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fin = read_final(out)
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert set(fin["last"]) == {"branch1", "branch2", "branch3", "ensemble"} and fin["deploy"] == "branch1"
+    assert fin["params"]["branch1"] == common.count_params(common.build_model("resnet8", 3))
+    assert len(read_log(out)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision backbones cut into stages
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,tv", [("resnet18", "resnet18"), ("resnet50", "resnet50"),  # resnet34: as resnet18
+                                     ("mobilenet_v2_imagenet", "mobilenet_v2")])
+def test_imagenet_stages_reproduce_torchvision(arch, tv):
+    """Net(stages, fc) with torchvision's weights computes exactly torchvision's network."""
+    torch.manual_seed(0)
+    net = common.build_model(arch, 10).eval()
+    ref = getattr(torchvision.models, tv)(num_classes=10).eval()
+    assert isinstance(net, common.Net) and len(net.stages) == 5 and isinstance(net.fc, torch.nn.Linear)
+    sd, ref_sd = net.state_dict(), ref.state_dict()
+    assert len(sd) == len(ref_sd)  # same tensors in the same order (mobilenet's dropout has none)
+    assert all(a.shape == b.shape for a, b in zip(sd.values(), ref_sd.values()))
+    net.load_state_dict(dict(zip(sd, ref_sd.values())))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        sizes, h = [], x
+        for s in net.stages:
+            h = s(h)
+            sizes.append(h.shape[-1])
+    assert sizes == ([16, 16, 8, 4, 2] if "resnet" in arch else [32, 16, 8, 4, 2])  # stem, then one halving each
+    assert h.shape[1] == net.fc.in_features == {"resnet50": 2048, "mobilenet_v2_imagenet": 1280}.get(arch, 512)
+
+
+@pytest.mark.parametrize("arch,at", [("resnet18", -1), ("mobilenet_v2_imagenet", -2)])
+def test_imagenet_split_reproduces_the_whole_net(arch, at):
+    test_split_reproduces_the_whole_net(arch, at)  # the CIFAR nets' check, on 32x32 inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# data: the folder loader, the protocol's defaults, the errors
+# ------------------------------------------------------------------------------------------------
+
+def _norm_red(c):
+    return (IMAGENET_RED[c] / 255 - common.IMAGENET_MEAN[0]) / common.IMAGENET_STD[0]
+
+
+def test_imagenet_folder_loader_interface_and_sharding(folder):
+    tr, va = common.load_image_folders(folder)
+    kw = dict(size=32, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, device="cpu", batch_size=8)
+    L = common.FolderLoader(tr, train=True, views=2, seed=1, workers=1, **kw)
+    assert torch.equal(L.y, torch.tensor([c for c in range(3) for _ in range(8)])) and len(L) == 3
+    batches = list(L.epoch(0))
+    for x, y, idx in batches:
+        assert isinstance(x, tuple) and len(x) == 2 and x[0].shape == (8, 3, 32, 32) and x[0].dtype == torch.float32
+        assert torch.equal(y, L.y[idx])
+        for v in x:  # red stays flat under crop and flip and tells the class; ImageNet's normalisation
+            assert torch.allclose(v[:, 0], torch.tensor([_norm_red(c) for c in y])[:, None, None], atol=0.03)
+        assert not torch.equal(x[0][:, 2], x[1][:, 2])  # the views are independent draws
+    assert sorted(torch.cat([i for _, _, i in batches]).tolist()) == list(range(24))
+    again = list(L.epoch(0))  # an epoch depends on (seed, epoch) only
+    assert all(torch.equal(a[2], b[2]) and torch.equal(a[0][1], b[0][1]) for a, b in zip(batches, again))
+    assert not torch.equal(torch.cat([i for _, _, i in L.epoch(1)]), torch.cat([i for _, _, i in batches]))
+    # two ranks: disjoint halves of the epoch, batch_size // world each
+    shards = [list(common.FolderLoader(tr, train=True, seed=1, rank=r, world=2, workers=0, **kw).epoch(0))
+              for r in range(2)]
+    i0, i1 = (torch.cat([i for _, _, i in s]) for s in shards)
+    assert len(shards[0][0][2]) == 4 and not set(i0.tolist()) & set(i1.tolist()) and len(i0) + len(i1) == 24
+    # evaluation: center crop, rank::world, in order
+    V = common.FolderLoader(va, train=False, rank=1, world=2, workers=0, **kw)
+    batches = list(V.epoch())
+    assert [len(i) for _, _, i in batches] == [4, 2] and batches[0][0].shape == (4, 3, 32, 32)
+    assert torch.cat([i for _, _, i in batches]).tolist() == list(range(1, 12, 2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, V.epoch()))  # no randomness
+
+
+def test_imagenet_holdout_comes_off_the_training_folder(folder):
+    args = argparse.Namespace(dataset="imagenet", data_dir=folder, image_size=32, workers=0, batch_size=8, seed=0)
+    data = common.load_image_folders(folder)
+    train, test, hold = common.folder_loaders(args, data, 1, 5, "cpu", 0, 1)
+    assert len(hold.y) == 5 and len(train.y) == 19 and len(test.y) == 12
+    held = {p for p, _ in hold.dl.dataset.samples}
+    assert not held & {p for p, _ in train.dl.dataset.samples} and held <= {p for p, _ in data[0]}
+    assert common.folder_loaders(args, data, 1, 0, "cpu", 0, 1)[2] is None
+    with pytest.raises(common.DataError, match="leaves nothing"):
+        common.folder_loaders(args, data, 1, 24, "cpu", 0, 1)
+
+
+def _parsed(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["x.py", *map(str, argv)])
+    return common.parse(common.parser("x"), "x")
+
+
+def test_imagenet_protocol_defaults(monkeypatch, capsys):
+    a = _parsed(monkeypatch, "--gpus", "cpu")  # CIFAR: exactly the old defaults
+    assert (a.epochs, a.lr, a.batch_size, a.wd, a.schedule, a.image_size) == (300, 0.1, 128, 5e-4, [150, 225], None)
+    a = _parsed(monkeypatch, "--gpus", "cpu", "--dataset", "imagenet")
+    assert (a.epochs, a.lr, a.batch_size, a.wd, a.schedule, a.image_size) == (90, 0.1, 256, 1e-4, [30, 60, 80], 224)
+    a = _parsed(monkeypatch, "--gpus", "cpu", "--dataset", "imagenet", "--batch-size", 1024, "--wd", 5e-5)
+    assert (a.lr, a.wd, a.workers) == (0.4, 5e-5, 8)  # linear scaling with the batch; given values win
+    assert _parsed(monkeypatch, "--gpus", "cpu", "--dataset", "imagenet", "--lr", 0.2, "--batch-size", 512).lr == 0.2
+    for argv, msg in ((["--dataset", "imagenet", "--epochs", 50], "lie in (0, --epochs=50)"),  # defaults validated
+                      (["--image-size", 64], "--image-size applies to --dataset imagenet only")):
+        with pytest.raises(SystemExit):
+            _parsed(monkeypatch, "--gpus", "cpu", *argv)
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout,msg", [
+    ("none", "missing {d}/train; --dataset imagenet expects {d}/train/<class>/<image> and {d}/val/<class>/<image>"),
+    ("train", "missing {d}/val; --dataset imagenet expects"),
+    ("flat_val", "{d}/val: Couldn't find any class folder"),
+    ("other_classes", "{d}/val has other class folders than {d}/train (2 vs 3)"),
+])
+def test_imagenet_missing_folder_is_a_one_line_error(tmp_path, capsys, layout, msg):
+    d = tmp_path / "data"
+    os.makedirs(d)
+    if layout != "none":
+        fake_image_folder(d, n_train=2, n_val=1)
+        shutil.rmtree(d / "val")
+        if layout == "flat_val":
+            os.makedirs(d / "val")
+            Image.new("RGB", (8, 8)).save(d / "val" / "0.png")
+        if layout == "other_classes":
+            fake_image_folder(d, n_train=2, n_val=1, classes=2)
+    with pytest.raises(SystemExit) as e:
+        run_main("baseline", "--dataset", "imagenet", "--data-dir", d, "--gpus", "cpu", "--out", tmp_path / "r")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg.format(d=d) in err, err
+    assert not os.path.exists(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP for the methods with state beyond the weights (EMA teachers, memory banks, holdout weights)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script,extra", [("pcl", []), ("mcl", []), ("kdcl", ["--variant", "general", "--val-size", 64])])
+def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
+    out = tmp_path / script
+    r = run_cli(script, "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data,
+                "--epochs", 1, "--schedule", "--out", out, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fin = read_final(out)
+    # weights (PCL's mean teachers included: they are parameters) identical on both ranks
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert set(fin["last"]) == set(fin["params"])
