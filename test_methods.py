@@ -294,6 +294,15 @@ def test_bad_arguments_give_one_clear_error_and_no_run_folder(bad, msg, tmp_path
     assert not out.exists()
 
 
+def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        run_main("kdcl", "--variant", "best", "--data-dir", tmp_path, "--out", out)
+    assert e.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "invalid choice: 'best'" in err and all(v in err for v in ("naive", "linear", "minlogit", "general"))
+
+
 def test_missing_data_names_the_folder_and_layout(tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit):
