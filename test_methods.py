@@ -1823,3 +1823,16 @@ def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
     # weights (PCL's mean teachers included: they are parameters) identical on both ranks
     assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
     assert set(fin["last"]) == set(fin["params"])
+
+
+def test_each_method_file_runs_copied_next_to_common_alone(tmp_path):
+    """People copy a method file into their project: it needs common.py and nothing else from here."""
+    scripts = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd"]
+    for name in scripts + ["common"]:
+        shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
+    code = "import sys; sys.argv = ['x', '-h']\n" + "".join(
+        f"import {s}\ntry:\n    {s}.main()\nexcept SystemExit as e:\n    assert e.code == 0\n" for s in scripts)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--peers", "--variant", "--branches", "--fusion-wd", "--ema-decay", "--nce-k", "--teacher"):
+        assert flag in r.stdout
