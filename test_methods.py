@@ -519,8 +519,12 @@ def count_syncs_in_steps(monkeypatch, script, *argv):
     return counts
 
 
-def test_training_step_has_no_host_sync(monkeypatch, tmp_path):
-    c = count_syncs_in_steps(monkeypatch, "dml", *TINY, "--bench", 2, "--out", tmp_path / "b")
+@pytest.mark.parametrize("script,extra", [("dml", []), ("pcl", []), ("mcl", []), ("kdcl", ["--variant", "linear"]),
+                                          ("sokd", ["--teacher-arch", "resnet8", "--teacher", "absent.pt"])])
+def test_training_step_has_no_host_sync(script, extra, monkeypatch, tmp_path):
+    """The step (forward, backward, SGD, after_step: EMA teachers, memory banks) never waits for the device."""
+    c = count_syncs_in_steps(monkeypatch, script, *TINY, "--batch-size", 16, "--bench", 2, "--out", tmp_path / "b",
+                             *extra)
     assert c["n"] == 0, c["what"]
 
 
