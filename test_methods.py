@@ -794,19 +794,23 @@ def test_kdcl_kd_sends_no_gradient_into_the_target(variant):
         leaf = zi.detach().requires_grad_()
         (g,) = torch.autograd.grad(0.7 * kdcl.kd(leaf, zt, 3.0), leaf)
         assert torch.allclose(zi.grad, g, atol=1e-6)
-    # with real students on their own views: student 1's KD term leaves student 2 untouched
+    # the real module: the gradient the kd term sends into student 2 equals that of student 2's own KD
+    # against a constant target (a target that is not detached would add the path through student 1's term)
     torch.manual_seed(0)
     model = _kdcl_model(variant)
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    z1, z2 = model.peers[0](x1), model.peers[1](x2)
     yb = torch.tensor([0, 1, 2, 3])
-    zt = kdcl.soft_target(torch.stack([z1, z2]).detach(), yb, variant, model.w)
-    kdcl.kd(z1, zt, 3.0).backward()
-    assert all(p.grad is None for p in model.peers[1].parameters())
-    assert model.peers[0].fc.weight.grad.abs().sum() > 0
     loss, terms = model((x1, x2), yb, None, 0)  # the step as the loop runs it: one view per student
-    assert set(terms) == {"ce", "kd"} and torch.isfinite(loss)
+    assert set(terms) == {"ce", "kd"}
     assert loss.item() == pytest.approx((terms["ce"] + terms["kd"]).item(), rel=1e-6)
+    terms["kd"].backward()
+    got = [p.grad.clone() for p in model.peers[1].parameters()]
+    model.zero_grad()
+    with torch.no_grad():
+        zt = kdcl.soft_target(torch.stack([model.peers[0](x1), model.peers[1](x2)]), yb, variant, model.w)
+    kdcl.kd(model.peers[1](x2), zt, 3.0).backward()  # lam = 1
+    want = [p.grad for p in model.peers[1].parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
 
 
 def test_kdcl_end_to_end_two_archs(data, tmp_path):
