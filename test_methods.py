@@ -1337,10 +1337,12 @@ def test_pcl_resume_restores_the_mean_teachers_exactly(pcl_data, tmp_path, pcl_r
     assert read_final(pcl_run)["last"] == read_final(b)["last"]
 
 
-def test_pcl_rejects_bad_options(pcl_data, tmp_path):
-    for bad in (["--peers", 1], ["--arch", "resnet8,resnet14"], ["--ema-decay", 1.0]):
-        with pytest.raises(SystemExit):
-            run_main("pcl", *TINY, *bad, "--data-dir", pcl_data, "--out", tmp_path / "x")
+def test_pcl_rejects_bad_options(pcl_data, tmp_path, capsys):
+    for bad, msg in ((["--peers", 1], "--peers must be at least 2"), (["--arch", "resnet8,resnet14"], "single --arch"),
+                     (["--ema-decay", 1.0], "--ema-decay in [0, 1)")):
+        with pytest.raises(SystemExit) as e:
+            run_main("pcl", *TINY, *bad, "--epochs", 1, "--schedule", "--data-dir", pcl_data, "--out", tmp_path / "x")
+        assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 
