@@ -1027,20 +1027,26 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
         for _ in range(n):
             train_step(model, step_model, opt, *fixed, 0, amp)
 
-    def timed(fn, n):
-        it = batches()
-        fn(3, it)  # warm-up (cudnn autotuning, compilation)
+    def timed(fn, n, it):
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         fn(n, it)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    dt_bare = timed(bare_steps, args.bench)
-    dt = timed(loop_steps, args.bench)
+    it = batches()
+    bare_steps(3, it)  # warm-up (cudnn autotuning, compilation)
+    loop_steps(3, it)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    # the two paths alternate in chunks, so that drift of a shared machine's speed hits both alike
+    chunks = [len(c) for c in np.array_split(np.arange(args.bench), min(5, args.bench))]
+    dt_bare = dt = 0.0
+    for k in chunks:
+        dt_bare += timed(bare_steps, k, it)
+        dt += timed(loop_steps, k, it)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
