@@ -294,6 +294,17 @@ def test_bad_arguments_give_one_clear_error_and_no_run_folder(bad, msg, tmp_path
     assert not out.exists()
 
 
+def test_gpus_that_do_not_exist_and_no_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert common._devices("0,1") == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match=r"--gpus 0,5: no GPU 5 \(this machine has 2: 0..1\)"):
+        common._devices("0,5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common._devices("0,1") == ["cpu", "cpu"]  # CPU, as many gloo processes
+    assert "CUDA is not available; training on the CPU" in capsys.readouterr().err
+
+
 def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as e:
