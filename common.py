@@ -890,13 +890,14 @@ def _train(rank, world, args, Method, out, data, device):
             n_steps += 1
             if stop.hit:
                 break
-        if stop.hit:
-            print(f"stopped in epoch {epoch}; the checkpoint of epoch {epoch - 1} is kept in {out}")
+        if stop.hit:  # epochs are counted from 1 in messages, as in the log
+            kept = f"the checkpoint of epoch {epoch} is kept in {out}" if epoch else "no epoch was complete"
+            print(f"stopped in epoch {epoch + 1}; {kept}")
             sys.exit(130)
         if first_bad.item() >= 0:
             bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
-            print(f"error: non-finite loss at epoch {epoch} step {first_bad.item()} in term(s) {', '.join(bad)}; "
-                  f"stopped; the checkpoint of the last good epoch is kept in {out}", file=sys.stderr)
+            print(f"error: non-finite loss at epoch {epoch + 1} step {first_bad.item() + 1} in term(s) {', '.join(bad)}; "
+                  f"stopped; the checkpoint of the last good epoch ({epoch}) is kept in {out}", file=sys.stderr)
             sys.exit(3)
         if world > 1:
             dist.all_reduce(sums)

@@ -463,7 +463,7 @@ def test_nan_loss_stops_naming_epoch_step_and_term(data, tmp_path, monkeypatch, 
     def poisoned(self, x, y, idx, epoch):
         loss, terms = real(self, x, y, idx, epoch)
         calls["n"] += 1
-        if epoch == 1 and calls["n"] >= 6:  # 4 steps per epoch: epoch 1, step 1 goes bad
+        if epoch == 1 and calls["n"] >= 6:  # 4 steps per epoch: the 2nd step of the 2nd epoch goes bad
             loss = loss * float("nan")
             terms = {"ce": terms["ce"] * float("nan")}
         return loss, terms
@@ -472,7 +472,7 @@ def test_nan_loss_stops_naming_epoch_step_and_term(data, tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as e:
         run_main("baseline", *TINY, "--data-dir", data, "--epochs", 3, "--schedule", 2, "--out", out)
     assert e.value.code == 3
-    assert "non-finite loss at epoch 1 step 1 in term(s) loss, ce" in capsys.readouterr().err
+    assert "non-finite loss at epoch 2 step 2 in term(s) loss, ce" in capsys.readouterr().err
     assert common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1  # the last good epoch
 
 
