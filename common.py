@@ -360,7 +360,26 @@ def crop_flip(x, dy, dx, flip, pad=4):
     return xp.gather(2, where.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
-class Loader:
+class _DeviceNormalize:
+    """What Loader and FolderLoader share: uint8 batches become normalised floats on the device."""
+
+    def __init__(self, mean, std, device, channels_last):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.channels_last = device, channels_last
+
+    def normalize(self, x):
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def holdout_split(n, k, seed):
+    """(held-out indices, training indices): k of n training images chosen by a permutation of `seed`."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[:k], perm[k:]
+
+
+class Loader(_DeviceNormalize):
     """Batches of one CIFAR split held on `device` as uint8.
 
     train=True: one permutation per epoch from a generator seeded by (seed, epoch), so an epoch's
@@ -370,19 +389,14 @@ class Loader:
 
     def __init__(self, x, y, mean, std, device, batch_size, train, views=1, seed=0, rank=0, world=1,
                  channels_last=False):
+        super().__init__(mean, std, device, channels_last)
         self.x = torch.as_tensor(x).to(device)                   # uint8, never a float copy of the split
         self.y = torch.as_tensor(y).to(device)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.device, self.batch_size, self.train, self.views = device, batch_size, train, views
-        self.seed, self.rank, self.world, self.channels_last = seed, rank, world, channels_last
+        self.batch_size, self.train, self.views = batch_size, train, views
+        self.seed, self.rank, self.world = seed, rank, world
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
-
-    def normalize(self, x):
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def epoch(self, epoch=0):
         n, B = len(self.y), self.batch_size
@@ -472,7 +486,7 @@ class _FolderImages(torch.utils.data.Dataset):
         return (xs[0] if self.views == 1 else xs), label, i
 
 
-class FolderLoader:
+class FolderLoader(_DeviceNormalize):
     """Batches of an image-folder split (a list of (path, label)) with Loader's interface: epoch(e)
     yields (x, y, idx) on `device` (idx: the position in `samples`), len() batches, .y every label.
 
@@ -489,11 +503,9 @@ class FolderLoader:
     def __init__(self, samples, size, mean, std, device, batch_size, train, views=1, seed=0, rank=0, world=1,
                  workers=8, channels_last=False):
         import torchvision.transforms as T
+        super().__init__(mean, std, device, channels_last)
         self.y = torch.tensor([label for _, label in samples], dtype=torch.long).to(device)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.device, self.train, self.views = device, train, views if train else 1
-        self.seed, self.rank, self.channels_last = seed, rank, channels_last
+        self.train, self.views, self.seed, self.rank = train, views if train else 1, seed, rank
         if train:
             tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
         else:
@@ -514,10 +526,6 @@ class FolderLoader:
 
     def __len__(self):
         return len(self.dl)
-
-    def normalize(self, x):
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def epoch(self, epoch=0):
         if self.train:
@@ -541,9 +549,9 @@ def folder_loaders(args, data, views, holdout, device, rank, world, channels_las
     if holdout:
         if holdout >= len(train):
             raise DataError(f"a holdout of {holdout} images leaves nothing of the {len(train)} training images")
-        perm = np.random.RandomState(args.seed).permutation(len(train))
-        hold = FolderLoader([train[i] for i in perm[:holdout]], batch_size=args.batch_size, train=False, **kw)
-        train = [train[i] for i in perm[holdout:]]
+        held, kept = holdout_split(len(train), holdout, args.seed)
+        hold = FolderLoader([train[i] for i in held], batch_size=args.batch_size, train=False, **kw)
+        train = [train[i] for i in kept]
     return (FolderLoader(train, batch_size=args.batch_size, train=True, views=views, seed=args.seed, rank=rank,
                          world=world, **kw),
             FolderLoader(val, batch_size=args.batch_size, train=False, rank=rank, world=world, **kw), hold)
@@ -834,8 +842,8 @@ def _train(rank, world, args, Method, out, data, device):
         tx, ty, vx, vy = data
         holdout_n, hold = (0 if args.bench else getattr(model, "holdout", 0)), None  # --bench: no holdout
         if holdout_n:
-            perm = np.random.RandomState(args.seed).permutation(len(ty))
-            tx, ty, hx, hy = tx[perm[holdout_n:]], ty[perm[holdout_n:]], tx[perm[:holdout_n]], ty[perm[:holdout_n]]
+            held, kept = holdout_split(len(ty), holdout_n, args.seed)
+            tx, ty, hx, hy = tx[kept], ty[kept], tx[held], ty[held]
             hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=True)
         train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, True)
         test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=True)
