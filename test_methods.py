@@ -658,16 +658,21 @@ def test_dml_kd_sends_no_gradient_into_the_target_peer():
         assert torch.allclose(z[k].grad, g, atol=1e-6)
 
 
-def test_dml_end_to_end_two_archs(data, tmp_path):
+@pytest.mark.parametrize("script", ["dml", "kdcl"])
+def test_peer_methods_end_to_end_two_archs(script, data, tmp_path):
+    """DML and KDCL with heterogeneous peers (one per --arch name)."""
     out = tmp_path / "r"
-    run_main("dml", *TINY, "--arch", "resnet8,wrn_16_1", "--data-dir", data, "--epochs", 2, "--schedule", 1,
+    run_main(script, *TINY, "--arch", "resnet8,wrn_16_1", "--data-dir", data, "--epochs", 2, "--schedule", 1,
              "--out", out)
     fin = read_final(out)
     assert set(fin["last"]) == {"peer1", "peer2", "ensemble"} and fin["deploy"] == "peer1"
     n1, n2 = (common.count_params(common.build_model(a, 100)) for a in ("resnet8", "wrn_16_1"))
     assert fin["params"] == {"peer1": n1, "peer2": n2, "ensemble": n1 + n2}
+    if script == "kdcl":
+        assert fin["args"]["variant"] == "minlogit" and fin["args"]["T"] == 3.0 and fin["args"]["lam"] == 1.0
     log = read_log(out)
-    assert len(log) == 2 and all(math.isfinite(float(r["kd"])) and float(r["kd"]) > 0 for r in log)
+    assert len(log) == 2 and all(math.isfinite(float(r["kd"])) and float(r["kd"]) > 0 and float(r["ce"]) > 0
+                                 for r in log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -822,19 +827,6 @@ def test_kdcl_kd_sends_no_gradient_into_the_target(variant):
     kdcl.kd(model.peers[1](x2), zt, 3.0).backward()  # lam = 1
     want = [p.grad for p in model.peers[1].parameters()]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
-
-
-def test_kdcl_end_to_end_two_archs(data, tmp_path):
-    out = tmp_path / "r"
-    run_main("kdcl", *TINY, "--arch", "resnet8,wrn_16_1", "--data-dir", data, "--epochs", 2, "--schedule", 1,
-             "--out", out)
-    fin = read_final(out)
-    assert set(fin["last"]) == {"peer1", "peer2", "ensemble"} and fin["deploy"] == "peer1"
-    n1, n2 = (common.count_params(common.build_model(a, 100)) for a in ("resnet8", "wrn_16_1"))
-    assert fin["params"] == {"peer1": n1, "peer2": n2, "ensemble": n1 + n2}
-    assert fin["args"]["variant"] == "minlogit" and fin["args"]["T"] == 3.0 and fin["args"]["lam"] == 1.0
-    log = read_log(out)
-    assert len(log) == 2 and all(float(r["kd"]) > 0 and float(r["ce"]) > 0 for r in log)
 
 
 def test_kdcl_general_end_to_end_recomputes_the_weights(data, tmp_path, capsys):
