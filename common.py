@@ -27,6 +27,8 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
     on_epoch(epoch, holdout)     called at the start of every training epoch (holdout: a Loader or None).
     on_data(train_labels)        called once, before the optimizer and resume, with the training
                                  labels on the device (one entry per sample index idx).
+    resolved = {}                settings the method derived from the run (e.g. PCL's EMA decay, set
+                                 in on_data): printed first, stored in run.json and final.json.
 
 Everything else (device, DDP, AMP, schedules, logging, checkpoints) stays here.
 
@@ -263,6 +265,7 @@ def _tv_mobilenet_v2(num_classes):
     return Net([f[0:2], f[2:4], f[4:7], f[7:14], f[14:]], m.classifier[1])
 
 
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2_imagenet")
 ARCHS.update({
     "resnet18": lambda nc: _tv_resnet("resnet18", nc),
     "resnet34": lambda nc: _tv_resnet("resnet34", nc),
@@ -271,11 +274,42 @@ ARCHS.update({
 })
 
 
+# How the reference implementations initialise their CIFAR nets (RepDistiller's models/, ONE, FFL,
+# MCL-OKD, SOKD, the PCL re-implementation): every conv He-normal with fan_out, std sqrt(2 / (k*k*out)),
+# bias 0; every BatchNorm weight 1, bias 0; the classifier by family: PyTorch's default (ResNet,
+# DenseNet), default weight with bias 0 (WRN), N(0, 0.01) with bias 0 (VGG, MobileNetV2).
+LINEAR_INIT = {**{a: "zero_bias" for a in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10")},
+               **{f"vgg{d}": "normal" for d in VGG_CFG}, "mobilenetv2": "normal"}
+
+
+@torch.no_grad()
+def init_weights(module, linear="default"):
+    """The references' initialisation (above), in place, for every submodule of `module`.
+    linear: "default" (PyTorch's), "zero_bias" or "normal" (N(0, 0.01), bias 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm)):
+            m.weight.fill_(1)
+            m.bias.zero_()
+        elif isinstance(m, nn.Linear) and linear != "default":
+            if linear == "normal":
+                m.weight.normal_(0, 0.01)
+            m.bias.zero_()
+    return module
+
+
 def build_model(arch, num_classes):
-    """A backbone by name, e.g. build_model('resnet32', 100)."""
+    """A backbone by name, e.g. build_model('resnet32', 100), initialised as its reference does
+    (torchvision's ImageNet nets keep torchvision's own initialisation)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    return ARCHS[arch](num_classes)
+    net = ARCHS[arch](num_classes)
+    if arch in TORCHVISION_ARCHS:
+        return net
+    return init_weights(net, LINEAR_INIT.get(arch, "default"))  # wrn_20_8 is a ResNet: default
 
 
 def split_model(arch, num_classes, at, copies):
@@ -567,6 +601,30 @@ def add_arg(p, name, **kw):
     return p.add_argument(*names, **kw)
 
 
+def add_epochs_arg(p, name, protocol_epochs, help):
+    """An option counted in epochs (a ramp-up, a warm-up) whose value under the 300-epoch CIFAR protocol
+    is `protocol_epochs`. Left out, parse() scales it with --epochs: max(1, round(protocol_epochs *
+    epochs / protocol's epochs)); given explicitly, the value given is used as it is."""
+    action = add_arg(p, name, type=int, default=None, help=f"{help}; when not given: {protocol_epochs} x "
+                     f"epochs/300 on CIFAR (x epochs/90 on imagenet), at least 1")
+    action.protocol_epochs = protocol_epochs
+    return action
+
+
+def _scale(value, epochs, protocol_epochs):
+    """round(value * epochs / protocol_epochs), halves rounded up, in integers."""
+    return (2 * value * epochs + protocol_epochs) // (2 * protocol_epochs)
+
+
+def run_fraction(args, n_train):
+    """This run's optimizer steps as a fraction of the dataset protocol's run (300 epochs of 50,000 CIFAR
+    images at batch 128, or 90 epochs of ImageNet's 1,281,167 at 256). Lengths counted in steps (PCL's
+    EMA horizon) scale by it, so they stay the same fraction of training when a run is shorter."""
+    P = PROTOCOL["imagenet" if args.dataset == "imagenet" else "cifar"]
+    ref = P["epochs"] * math.ceil(P["train_images"] / P["batch_size"])
+    return args.epochs * math.ceil(n_train / args.batch_size) / ref
+
+
 def ramp_up(epoch, length=80):
     """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0."""
     if length == 0:
@@ -598,6 +656,8 @@ def parser(description):
             "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
     add_arg(p, "--seed", type=int, default=0)
+    add_arg(p, "--eval-every", type=int, default=1, metavar="N", help="test every N epochs and at the last "
+            "(the log shows '-' in between); 1: every epoch")
     add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; no CUDA: CPU (with as many gloo processes)")
     add_arg(p, "--out", default=None, help="run folder (default runs/<method>-<arch>-<dataset>-s<seed>)")
     add_arg(p, "--resume", action="store_true", help="continue the run in the run folder")
@@ -610,12 +670,16 @@ def parser(description):
 
 
 # options that may change between a run and its --resume; every other option must match
-RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers"}
+RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers",
+               "eval_every"}
 
 # the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
-PROTOCOL = {"cifar": {"epochs": 300, "lr": 0.1, "batch_size": 128, "wd": 5e-4, "schedule": [150, 225]},
+# --schedule left out: the protocol's milestones at the same fractions of --epochs (150/300, 225/300).
+PROTOCOL = {"cifar": {"epochs": 300, "lr": 0.1, "batch_size": 128, "wd": 5e-4, "schedule": [150, 225],
+                      "train_images": 50_000},
             "imagenet": {"epochs": 90, "lr": None, "batch_size": 256, "wd": 1e-4, "schedule": [30, 60, 80],
-                         "image_size": 224}}
+                         "image_size": 224, "train_images": 1_281_167}}
+RUN_SETTINGS = ("epochs", "lr", "batch_size", "wd", "schedule", "image_size")  # what PROTOCOL may fill in
 
 
 def protocol_defaults(p, args):
@@ -624,9 +688,21 @@ def protocol_defaults(p, args):
     imagenet = args.dataset == "imagenet"
     if not imagenet and args.image_size is not None:
         p.error("--image-size applies to --dataset imagenet only (CIFAR images are 32x32)")
-    for k, v in PROTOCOL["imagenet" if imagenet else "cifar"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, list(v) if isinstance(v, list) else v)
+    P = PROTOCOL["imagenet" if imagenet else "cifar"]
+    args.scaled = []  # the options derived from --epochs, named in the first log line
+    for k in RUN_SETTINGS:
+        if k in P and getattr(args, k) is None:
+            setattr(args, k, list(P[k]) if isinstance(P[k], list) else P[k])
+            if k == "schedule" and args.epochs != P["epochs"]:  # same fractions of a shorter/longer run
+                args.schedule = sorted({m for m in (_scale(m, args.epochs, P["epochs"]) for m in P[k])
+                                        if 0 < m < args.epochs})
+                args.scaled.append("schedule")
+    if args.epochs > 0:
+        for a in p._actions:  # options counted in epochs (ramp-ups): the same fraction of training
+            if hasattr(a, "protocol_epochs") and getattr(args, a.dest) is None:
+                setattr(args, a.dest, max(1, _scale(a.protocol_epochs, args.epochs, P["epochs"])))
+                if args.epochs != P["epochs"]:
+                    args.scaled.append(a.dest)
     if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
         args.lr = 0.1 * args.batch_size / 256
     if imagenet and (args.image_size <= 0 or args.workers < 0):
@@ -641,8 +717,8 @@ def parse(p, method):
     for a in args.arch.split(","):
         if a not in ARCHS:
             p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
-    if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0:
-        p.error("--epochs, --batch-size and --lr must be positive")
+    if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0 or args.eval_every <= 0:
+        p.error("--epochs, --batch-size, --lr and --eval-every must be positive")
     s = args.schedule
     if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
         p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
@@ -868,13 +944,17 @@ def _train(rank, world, args, Method, out, data, device):
         opt.load_state_dict(ck["opt"])
         history, start = ck["history"], ck["epoch"]
         print(f"resumed {out} at epoch {start}")
+    resolved = getattr(model, "resolved", {})
     if rank == 0 and start == 0:
         with open(os.path.join(out, "run.json"), "w") as f:  # lets `summarize` show runs still in progress
-            json.dump(_plain_args(args), f, indent=1)
+            json.dump({**_plain_args(args), "resolved": resolved}, f, indent=1)
         print(f"{args.method} {args.arch} {args.dataset}: "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
               f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
+    if rank == 0:
+        print(describe_schedule(args, resolved))
     stop = Interrupt()
+    progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
     for epoch in range(start, args.epochs):
         lr = _set_lr(opt, args, epoch)
         # randomness inside a step (e.g. MCL's negatives) depends on (seed, epoch, rank) only: exact resume
@@ -896,8 +976,12 @@ def _train(rank, world, args, Method, out, data, device):
             first_bad = torch.where(new_bad, step, first_bad)
             bad_terms = torch.where(new_bad, ~finite, bad_terms)
             n_steps += 1
+            if progress:
+                progress.step(epoch, args.epochs, n_steps)
             if stop.hit:
                 break
+        if progress:
+            progress.clear()
         if stop.hit:  # epochs are counted from 1 in messages, as in the log
             kept = f"the checkpoint of epoch {epoch} is kept in {out}" if epoch else "no epoch was complete"
             print(f"stopped in epoch {epoch + 1}; {kept}")
@@ -914,7 +998,8 @@ def _train(rank, world, args, Method, out, data, device):
                 dist.broadcast(b, 0)
         mean_terms = dict(zip(names, (sums / n_steps).tolist()))
         seconds = time.time() - t0
-        acc = evaluate(model, test_data, amp, world)
+        tested = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+        acc = evaluate(model, test_data, amp, world) if tested else dict.fromkeys(model.head_params())
         row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
                "images_per_second": round(n_train / seconds, 1)}
         history.append(row)
@@ -925,6 +1010,11 @@ def _train(rank, world, args, Method, out, data, device):
         if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
             print(f"halted after epoch {epoch + 1} (--halt-after)")
             return
+    train_top1 = None  # overfitting shows as training top-1 far above test top-1: measured once, at the end
+    if args.dataset != "imagenet":
+        k = min(len(tx), TRAIN_EVAL_IMAGES)
+        train_top1 = evaluate(model, Loader(tx[:k], ty[:k], mean, std, device, 1000, False, rank=rank, world=world,
+                                            channels_last=True), amp, world)
     if rank == 0 or world > 1:
         with torch.no_grad():  # a checksum of the weights per rank: DDP must keep them identical
             sums = [float(sum(p.double().sum() for p in model.parameters()))]
@@ -933,7 +1023,7 @@ def _train(rank, world, args, Method, out, data, device):
             dist.all_gather_object(gathered, sums[0])
             sums = gathered
         if rank == 0:
-            _final(args, out, model, history, sums, device)
+            _final(args, out, model, history, sums, device, train_top1, resolved)
 
 
 def train_step(model, step_model, opt, x, y, idx, epoch, amp):
@@ -977,7 +1067,7 @@ def _log(out, row, term_names, head_names, deploy, epochs):
         print(f"{'epoch':>9} {'lr':>7} | " + " ".join(f"{t:>8}" for t in term_names) + " | "
               + " ".join(f"{h + ('*' if h == deploy else ''):>9}" for h in head_names) + " | s/ep     img/s")
     print(f"{row['epoch']:>4}/{epochs:<4} {row['lr']:7.4f} | " + " ".join(f"{row[t]:8.4f}" for t in term_names)
-          + " | " + " ".join(f"{row[h]:9.2f}" for h in head_names)
+          + " | " + " ".join(f"{row[h]:9.2f}" if row[h] is not None else f"{'-':>9}" for h in head_names)
           + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
     path = os.path.join(out, "log.csv")
     new = not os.path.exists(path)
@@ -988,12 +1078,54 @@ def _log(out, row, term_names, head_names, deploy, epochs):
         w.writerow(row)
 
 
-def _final(args, out, model, history, rank_sums, device):
+def describe_schedule(args, resolved):
+    """One line: the learning-rate schedule, the ramp-ups and derived settings in force, and which
+    were scaled to --epochs."""
+    lr = "cosine" if args.cosine else (f"x0.1 at epochs {' '.join(map(str, args.schedule))}" if args.schedule
+                                       else "constant")
+    extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup") if hasattr(args, k)]
+    extra += [f"{k} {v}" for k, v in resolved.items()]
+    scaled = getattr(args, "scaled", [])
+    return (f"schedule: {args.epochs} epochs, lr {args.lr:g} {lr}" + "".join(f", {e}" for e in extra)
+            + (f" (scaled to --epochs: {', '.join(scaled + list(resolved))})" if scaled or resolved else ""))
+
+
+class Progress:
+    """On a terminal: one line rewritten in place during an epoch (steps, images/s, time left), at
+    most twice a second. It reads only the wall clock, never a device value: no host sync."""
+
+    def __init__(self, steps, batch_size):
+        self.steps, self.batch, self.t0, self.last = steps, batch_size, None, 0.0
+
+    def step(self, epoch, epochs, done):
+        now = time.time()
+        if done == 1:
+            self.t0 = now
+            return
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rate = (done - 1) * self.batch / (now - self.t0)
+        left = (self.steps - done) * self.batch / rate
+        print(f"\r  epoch {epoch + 1}/{epochs}: step {done}/{self.steps}, {rate:.0f} img/s, {left:.0f} s left ",
+              end="", flush=True)
+
+    def clear(self):
+        if self.last:
+            print("\r\033[K", end="", flush=True)
+            self.last = 0.0
+
+
+TRAIN_EVAL_IMAGES = 10_000  # final.json's "train_last": top-1 on the first (un-augmented) training images
+
+
+def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None):
     heads = [k for k in history[-1] if k in model.head_params()]
-    best = {h: max(((r[h], r["epoch"]) for r in history), key=lambda t: t[0]) for h in heads}
+    best = {h: max(((r[h], r["epoch"]) for r in history if r[h] is not None), key=lambda t: t[0]) for h in heads}
     final = {"method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
              "seed": args.seed, "deploy": model.deploy, "last": {h: history[-1][h] for h in heads},
              "best": {h: list(v) for h, v in best.items()}, "params": model.head_params(),
+             "train_last": train_top1, "resolved": resolved or {},
              "seconds": round(sum(r["seconds"] for r in history), 1),
              "images_per_second": round(sum(r["images_per_second"] for r in history) / len(history), 1),
              "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
@@ -1146,6 +1278,7 @@ def _plot(root):
             r = json.load(f)
         first = r["method"] not in colors
         c = colors.setdefault(r["method"], f"C{len(colors) % 10}")
+        rows = [row for row in rows if row[r["deploy"]] not in ("", None)]  # epochs not tested (--eval-every)
         ax.plot([int(row["epoch"]) for row in rows], [float(row[r["deploy"]]) for row in rows], color=c,
                 label=r["method"] if first else None)
     ax.set_xlabel("epoch")

@@ -73,6 +73,7 @@ class FFL(nn.Module):
         self.fusion = common.Net([common.conv_bn(cat, cat, 3, groups=cat),  # depthwise 3x3 + BN + ReLU
                                   common.conv_bn(cat, c, 1)],                # pointwise N*C -> C + BN + ReLU
                                  nn.Linear(c, num_classes))
+        common.init_weights(self.fusion)  # He-normal convs, BN 1/0, as the official code's model init
         self.T, self.rampup, self.fusion_wd = args.T, args.rampup, args.fusion_wd
         self.deploy = "branch1"
 
@@ -110,7 +111,7 @@ def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--branches", type=int, default=2, help="number of sub-networks N")
     common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
-    common.add_arg(p, "--rampup", type=int, default=80, help="epochs of the sigmoid ramp-up of the KD weights; 0: none")
+    common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weights; 0: none")
     common.add_arg(p, "--fusion-wd", type=float, default=1e-5, help="weight decay of the fusion module")
     args = common.parse(p, "ffl")
     if "," in args.arch:

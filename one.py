@@ -97,7 +97,7 @@ def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--branches", type=int, default=3, help="number of branches m")
     common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
-    common.add_arg(p, "--rampup", type=int, default=80, help="epochs of the sigmoid ramp-up of the KD weight; 0: none")
+    common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weight; 0: none")
     args = common.parse(p, "one")
     if "," in args.arch:
         p.error("one.py builds one multi-branch network: give a single --arch")

@@ -25,6 +25,11 @@ Deviations from the paper, and choices (the recipe is the shared protocol, which
     classifier start from independent weights; its ramp-up divides by the weight instead of the
     length (KD is off for epochs 2-80), here w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch index e
     from 0 (--rampup 80; 0 turns it off), for both KD terms.
+  - The decay 0.999 is a 1,000-step horizon: 0.85% of the protocol's 117,300 steps. With --ema-decay
+    left out, a shorter run keeps that fraction (horizon = 1000 x this run's steps / 117,300, at
+    least 1; e.g. 10 epochs of 20,000 images: 13 steps, a = 0.925): a fixed 1,000 steps would average
+    over most of a short run and its random start (measured: -5 points for mean1 in a 10-epoch run).
+    The decay in force is printed first and stored as "resolved" in run.json and final.json.
   - Mean teachers, weights: the EMA above, t = number of updates before this one, so the first
     update copies (a_0 = 0). t is a buffer ("step") and the mean teachers are submodules whose
     parameters have requires_grad=False: the optimizer and DDP skip them, checkpoints hold them,
@@ -89,8 +94,17 @@ class PCL(nn.Module):
         self.mean_peers.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # t, saved in checkpoints
         self.views = m  # peer j trains on view j
-        self.T, self.rampup, self.decay = args.T, args.rampup, args.ema_decay
+        self.T, self.rampup, self.args = args.T, args.rampup, args
+        self.decay = args.ema_decay  # None: set by on_data, scaled to the length of the run
         self.deploy = "mean1"
+
+    def on_data(self, train_labels):
+        """--ema-decay left out: the horizon 1/(1 - a) is 1,000 steps of the 300-epoch protocol run
+        (0.85% of its 117,300 steps), kept at that fraction of this run's steps (at least 1 step)."""
+        if self.args.ema_decay is None:
+            horizon = max(1.0, 1000 * common.run_fraction(self.args, len(train_labels)))
+            self.decay = 1.0 - 1.0 / horizon
+            self.resolved = {"ema_decay": round(self.decay, 6)}
 
     def forward(self, x, y, idx, epoch):
         outs = [peer(self.trunk(v), features=True) for peer, v in zip(self.peers, x)]  # the trunk runs once per view
@@ -131,14 +145,16 @@ def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--peers", type=int, default=3, help="number of peers m")
     common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
-    common.add_arg(p, "--rampup", type=int, default=80, help="epochs of the sigmoid ramp-up of both KD weights; 0: none")
-    common.add_arg(p, "--ema-decay", type=float, default=0.999, help="largest decay a_t of the peer mean teachers")
+    common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of both KD weights; 0: none")
+    common.add_arg(p, "--ema-decay", type=float, default=None, help="largest decay a_t of the peer mean teachers; "
+                   "when not given: 0.999 (a 1,000-step horizon) under the protocol, the horizon scaled to the "
+                   "same fraction of a shorter or longer run")
     args = common.parse(p, "pcl")
     if "," in args.arch:
         p.error("pcl.py builds one multi-branch network: give a single --arch")
     if args.peers < 2:
         p.error("--peers must be at least 2")
-    if args.T <= 0 or args.rampup < 0 or not 0 <= args.ema_decay < 1:
+    if args.T <= 0 or args.rampup < 0 or (args.ema_decay is not None and not 0 <= args.ema_decay < 1):
         p.error("--T must be positive, --rampup non-negative and --ema-decay in [0, 1)")
     common.run(args, PCL)
 
