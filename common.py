@@ -23,6 +23,10 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
     views = 1                    augmented views per batch.
     holdout = 0                  training images held out and passed to on_epoch (KDCL-general).
     param_groups(wd)             optimizer groups (default: every trainable parameter, decay wd).
+    extra_optimizer()            a second optimizer for parameters left out of param_groups (e.g.
+                                 FFSD's Adam-trained decoders): stepped after the SGD step on the same
+                                 backward pass, its state saved in checkpoints; the lr schedule is
+                                 applied to the SGD groups only.
     after_step()                 called after every optimizer step (EMA teachers, memory banks).
     on_epoch(epoch, holdout)     called at the start of every training epoch (holdout: a Loader or None).
     on_data(train_labels)        called once, before the optimizer and resume, with the training
@@ -930,18 +934,22 @@ def _train(rank, world, args, Method, out, data, device):
     groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
         [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
+    extra = model.extra_optimizer() if hasattr(model, "extra_optimizer") else None
+    opts = [opt] + ([extra] if extra is not None else [])
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     step_model = torch.compile(ddp) if args.compile else ddp
     if args.bench:
-        return _bench(args, model, step_model, opt, train_data, device, amp, out)
+        return _bench(args, model, step_model, opts, train_data, device, amp, out)
 
     ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
     if args.resume:
         ck = _resume_checkpoint(ckpt_path, rank, world)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
+        if extra is not None:
+            extra.load_state_dict(ck["opt_extra"])
         history, start = ck["history"], ck["epoch"]
         print(f"resumed {out} at epoch {start}")
     resolved = getattr(model, "resolved", {})
@@ -965,7 +973,7 @@ def _train(rank, world, args, Method, out, data, device):
         t0 = time.time()
         sums, names, first_bad, bad_terms, n_steps = None, None, None, None, 0
         for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
-            names, vals = train_step(model, step_model, opt, x, y, idx, epoch, amp)
+            names, vals = train_step(model, step_model, opts, x, y, idx, epoch, amp)
             if sums is None:  # loss sums and the first non-finite step stay on the device until the epoch ends
                 sums = torch.zeros_like(vals)
                 first_bad = torch.full((), -1, device=vals.device)
@@ -1006,6 +1014,7 @@ def _train(rank, world, args, Method, out, data, device):
         if rank == 0:
             _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs)
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                         **({"opt_extra": extra.state_dict()} if extra is not None else {}),
                          "history": history, "args": _plain_args(args)}, ckpt_path)
         if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
             print(f"halted after epoch {epoch + 1} (--halt-after)")
@@ -1026,13 +1035,17 @@ def _train(rank, world, args, Method, out, data, device):
             _final(args, out, model, history, sums, device, train_top1, resolved)
 
 
-def train_step(model, step_model, opt, x, y, idx, epoch, amp):
-    """One optimizer step. Returns the term names and their values as one device tensor (no host sync)."""
+def train_step(model, step_model, opts, x, y, idx, epoch, amp):
+    """One optimizer step (of each optimizer in `opts`, one backward pass). Returns the term names and
+    their values as one device tensor (no host sync)."""
+    opts = opts if isinstance(opts, (list, tuple)) else [opts]
     with torch.autocast("cuda", torch.bfloat16, enabled=amp):
         loss, terms = step_model(x, y, idx, epoch)
-    opt.zero_grad(set_to_none=True)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    for opt in opts:
+        opt.step()
     if hasattr(model, "after_step"):
         model.after_step()
     return ["loss", *terms], torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
