@@ -40,6 +40,8 @@ Command line: `python common.py summarize runs/` prints a table of finished and 
 """
 import argparse
 import csv
+import errno
+import io
 import json
 import math
 import os
@@ -383,7 +385,12 @@ def load_cifar(dataset, data_dir):
             raise DataError(f"{dataset} not found in {os.path.join(data_dir, folder)} and the download failed "
                             f"({type(e).__name__}); put the python-version CIFAR archive's folder '{folder}' "
                             f"in --data-dir {data_dir}") from None
-    return (*_read_split(dataset, data_dir, train_files), *_read_split(dataset, data_dir, test_files))
+    train, test = _read_split(dataset, data_dir, train_files), _read_split(dataset, data_dir, test_files)
+    nc, present = DATASETS[dataset][4], len(np.unique(train[1]))
+    if present < nc:  # e.g. a subset written by hand: accuracy is then out of fewer classes than the head has
+        print(f"warning: the training labels in {os.path.join(data_dir, folder)} use {present} of the {nc} "
+              f"classes of {dataset}", file=sys.stderr)
+    return (*train, *test)
 
 
 def crop_flip(x, dy, dx, flip, pad=4):
@@ -599,18 +606,43 @@ def folder_loaders(args, data, views, holdout, device, rank, world, channels_las
 # 3. LOOP
 # =================================================================================================
 
-def add_arg(p, name, **kw):
-    """Add a --kebab-case option with its --snake_case alias."""
+# add_arg(check=...): what parse() demands of a value, with the words of its error
+CHECKS = {"positive": (lambda v: v > 0, "must be positive"),
+          "nonneg": (lambda v: v >= 0, "must be non-negative"),
+          "unit": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+          "two+": (lambda v: v >= 2, "must be at least 2")}
+
+
+def add_arg(p, name, check=None, **kw):
+    """Add a --kebab-case option with its --snake_case alias. check: a key of CHECKS, tested by parse()
+    (every float option must also be finite: nan and inf are refused)."""
     names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    return p.add_argument(*names, **kw)
+    action = p.add_argument(*names, **kw)
+    action.check = check
+    return action
+
+
+def _validate(p, args):
+    """Every option's value against its check (and floats against nan/inf): one line, nothing written."""
+    for a in p._actions:
+        v = getattr(args, a.dest, None)
+        if v is None or isinstance(v, bool):
+            continue
+        name = a.option_strings[0] if a.option_strings else a.dest
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                p.error(f"argument {name}: {x} is not a finite number")
+            check = getattr(a, "check", None)
+            if check and not CHECKS[check][0](x):
+                p.error(f"argument {name}: {x} {CHECKS[check][1]}")
 
 
 def add_epochs_arg(p, name, protocol_epochs, help):
     """An option counted in epochs (a ramp-up, a warm-up) whose value under the 300-epoch CIFAR protocol
     is `protocol_epochs`. Left out, parse() scales it with --epochs: max(1, round(protocol_epochs *
     epochs / protocol's epochs)); given explicitly, the value given is used as it is."""
-    action = add_arg(p, name, type=int, default=None, help=f"{help}; when not given: {protocol_epochs} x "
-                     f"epochs/300 on CIFAR (x epochs/90 on imagenet), at least 1")
+    action = add_arg(p, name, type=int, default=None, check="nonneg", help=f"{help}; when not given: "
+                     f"{protocol_epochs} x epochs/300 on CIFAR (x epochs/90 on imagenet), at least 1")
     action.protocol_epochs = protocol_epochs
     return action
 
@@ -639,36 +671,37 @@ def ramp_up(epoch, length=80):
 
 def parser(description):
     """The protocol's command-line options; a method adds its own before parse()."""
-    p = argparse.ArgumentParser(description=description.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0], allow_abbrev=False,  # exact names:
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)      # see _given()
     add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
     add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
             help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     add_arg(p, "--data-dir", default="./data")
-    add_arg(p, "--image-size", type=int, default=None, help="imagenet: training crop, 224 when not given; "
+    add_arg(p, "--image-size", type=int, default=None, check="positive", help="imagenet: training crop, 224 when not given; "
             "evaluation resizes to size*256/224 and center-crops")
-    add_arg(p, "--workers", type=int, default=8, help="imagenet: DataLoader processes per training process")
+    add_arg(p, "--workers", type=int, default=8, check="nonneg", help="imagenet: DataLoader processes per training process")
     # None: the dataset's protocol (PROTOCOL), filled in by parse()
-    add_arg(p, "--epochs", type=int, default=None, help="when not given: 300 on CIFAR, 90 on imagenet")
-    add_arg(p, "--lr", type=float, default=None, help="when not given: 0.1 on CIFAR, 0.1 x batch/256 on imagenet")
-    add_arg(p, "--batch-size", type=int, default=None, help="global batch, whatever the number of GPUs; "
+    add_arg(p, "--epochs", type=int, default=None, check="positive", help="when not given: 300 on CIFAR, 90 on imagenet")
+    add_arg(p, "--lr", type=float, default=None, check="positive", help="when not given: 0.1 on CIFAR, 0.1 x batch/256 on imagenet")
+    add_arg(p, "--batch-size", type=int, default=None, check="positive", help="global batch, whatever the number of GPUs; "
             "when not given: 128 on CIFAR, 256 on imagenet")
-    add_arg(p, "--wd", type=float, default=None, help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
-    add_arg(p, "--momentum", type=float, default=0.9)
+    add_arg(p, "--wd", type=float, default=None, check="nonneg", help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
+    add_arg(p, "--momentum", type=float, default=0.9, check="unit")
     add_arg(p, "--no-nesterov", action="store_true")
     add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
             "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
-    add_arg(p, "--seed", type=int, default=0)
-    add_arg(p, "--eval-every", type=int, default=1, metavar="N", help="test every N epochs and at the last "
+    add_arg(p, "--seed", type=int, default=0, check="nonneg")
+    add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
             "(the log shows '-' in between); 1: every epoch")
-    add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; no CUDA: CPU (with as many gloo processes)")
+    add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; 'cpu' the CPU (no CUDA: CPU with a warning)")
     add_arg(p, "--out", default=None, help="run folder (default runs/<method>-<arch>-<dataset>-s<seed>)")
-    add_arg(p, "--resume", action="store_true", help="continue the run in the run folder")
-    add_arg(p, "--force", action="store_true", help="delete an existing run folder and start over")
+    add_arg(p, "--resume", action="store_true", help="continue the run in the run folder with its stored settings "
+            "(start it when there is none; a finished run is left as it is)")
+    add_arg(p, "--force", action="store_true", help="start over in an existing run folder (its run files are removed)")
     add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     add_arg(p, "--compile", action="store_true", help="torch.compile the model")
-    add_arg(p, "--bench", type=int, default=0, metavar="N", help="time N steps on synthetic data, write bench.json")
+    add_arg(p, "--bench", type=int, default=0, metavar="N", check="nonneg", help="time N steps on synthetic data, write bench.json")
     add_arg(p, "--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop as if killed
     return p
 
@@ -676,6 +709,9 @@ def parser(description):
 # options that may change between a run and its --resume; every other option must match
 RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers",
                "eval_every"}
+
+# run-control options a bare `--resume` takes from the stored run when they are not given
+INHERITED = {"data_dir", "gpus", "workers", "compile", "no_amp", "eval_every"}
 
 # the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
 # --schedule left out: the protocol's milestones at the same fractions of --epochs (150/300, 225/300).
@@ -693,7 +729,7 @@ def protocol_defaults(p, args):
     if not imagenet and args.image_size is not None:
         p.error("--image-size applies to --dataset imagenet only (CIFAR images are 32x32)")
     P = PROTOCOL["imagenet" if imagenet else "cifar"]
-    args.scaled = []  # the options derived from --epochs, named in the first log line
+    args.scaled = getattr(args, "scaled", None) or []  # options derived from --epochs (named in the first log line)
     for k in RUN_SETTINGS:
         if k in P and getattr(args, k) is None:
             setattr(args, k, list(P[k]) if isinstance(P[k], list) else P[k])
@@ -709,20 +745,73 @@ def protocol_defaults(p, args):
                     args.scaled.append(a.dest)
     if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
         args.lr = 0.1 * args.batch_size / 256
-    if imagenet and (args.image_size <= 0 or args.workers < 0):
-        p.error("--image-size must be positive and --workers at least 0")
 
 
-def parse(p, method):
+def _given(p, argv):
+    """The dests of the options typed on the command line (exact names: the parser has allow_abbrev=False)."""
+    given = set()
+    for a in p._actions:
+        if any(t == o or t.startswith(o + "=") for t in argv for o in a.option_strings):
+            given.add(a.dest)
+    return given
+
+
+def stored_settings(out):
+    """(settings, source) of the run in folder `out`: the checkpoint's arguments when there is one (what
+    the weights were trained with), else run.json's (a run stopped in its first epoch); (None, None)."""
+    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
+    if os.path.isfile(ckpt):
+        return load_checkpoint(ckpt)["args"], "checkpoint"
+    if os.path.isfile(started):
+        try:
+            with open(started) as f:
+                return json.load(f), "run.json"
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot read {started} ({e})") from None
+    return None, None
+
+
+def _merge_stored(p, args, given):
+    """--resume: options not typed take the run's stored values; typed ones must equal them, except a
+    larger --epochs, which extends the run (its stored milestones and ramp-ups stay as they were)."""
+    try:
+        stored, source = stored_settings(run_dir(args))
+    except (RuntimeError, FileNotFoundError) as e:
+        fail(f"--resume: {e}")
+    if stored is None:
+        return
+    diff = []
+    for k, v in stored.items():
+        if k in INHERITED and k not in given:  # how it ran: the same unless told otherwise
+            setattr(args, k, v)
+        if k in RUN_CONTROL or k in ("method", "resolved"):
+            continue
+        if k not in given:
+            setattr(args, k, v)
+        elif getattr(args, k, None) != v and not (k == "epochs" and args.epochs > v):
+            diff.append(f"--{k.replace('_', '-')} {v!r} ({source}) vs {getattr(args, k)!r} (now)")
+    if stored.get("method", args.method) != args.method:
+        diff.insert(0, f"method {stored['method']!r} ({source}) vs {args.method!r} (now)")
+    if diff:
+        fail(f"--resume: the run in {run_dir(args)} was made with other settings: " + "; ".join(diff))
+    if args.epochs > stored.get("epochs", args.epochs):
+        args.extended_from = stored["epochs"]
+
+
+def parse(p, method, argv=None):
     """Parse and validate: every error here happens before anything is written."""
-    args = p.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
     args.method = method
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force starts it over: give one of them")
+    if args.resume and not args.bench:
+        _merge_stored(p, args, _given(p, argv))
     protocol_defaults(p, args)
+    _validate(p, args)
     for a in args.arch.split(","):
         if a not in ARCHS:
             p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
-    if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0 or args.eval_every <= 0:
-        p.error("--epochs, --batch-size, --lr and --eval-every must be positive")
     s = args.schedule
     if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
         p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
@@ -756,19 +845,46 @@ def run_dir(args):
     return args.out or os.path.join("runs", f"{args.method}-{arch}-{args.dataset}-s{args.seed}")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, rename: a crash leaves the old file whole."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+class DiskFull(RuntimeError):
+    pass
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write, size_hint=0):
+    """write(f) into a temp file in the same folder, fsync, rename: a crash or a full disk leaves the old
+    file whole (and no temp file). The file gets the umask's mode, like any other file written here.
+    A full disk raises DiskFull naming the folder and the space needed."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask()) if hasattr(os, "fchmod") else None  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFull(f"disk full while writing {path}: {shutil.disk_usage(folder).free / 2**20:.0f} MiB free "
+                           f"in {folder}, about {max(size_hint, 2**20) / 2**20:.0f} MiB needed") from None
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write; the previous file's size is the space a full disk is told to free."""
+    hint = os.path.getsize(path) if os.path.exists(path) else 0
+    atomic_write(path, lambda f: torch.save(obj, f), hint)
+
+
+def atomic_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def load_checkpoint(path, what="checkpoint"):
@@ -783,10 +899,11 @@ def load_checkpoint(path, what="checkpoint"):
 
 
 class Interrupt:
-    """SIGINT sets a flag; the loop stops at the end of the current step and keeps the last full epoch."""
+    """The first SIGINT sets a flag: the loop stops at the end of the current step and keeps the last full
+    epoch. A second one stops at once (KeyboardInterrupt, turned into a one-line exit by run())."""
 
     def __init__(self):
-        self.hit = False
+        self.hit, self.done = False, 0  # done: epochs in the checkpoint (set by the loop)
         try:
             signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread
@@ -796,7 +913,9 @@ class Interrupt:
         if self.hit:
             raise KeyboardInterrupt
         self.hit = True
-        print("\ninterrupted: stopping after this step; --resume continues from the last full epoch", flush=True)
+        kept = (f"--resume continues from the checkpoint of epoch {self.done}" if self.done else
+                "no epoch is complete yet, so there is no checkpoint: --resume starts the run over from epoch 1")
+        print(f"\ninterrupted: stopping after this step ({kept}); Ctrl-C again stops at once", flush=True)
 
 
 def fail(msg):
@@ -804,8 +923,27 @@ def fail(msg):
     sys.exit(2)
 
 
+# files a run writes in its folder: --force removes these and nothing else
+RUN_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json", "bench.json", "improved_teacher.pt")
+_LOCK = None  # the open lock file of this process's run folder, held until the process ends
+
+
+def _finished(out, args):
+    """True when `out` holds a finished run of --epochs (final.json), which --resume leaves as it is."""
+    try:
+        with open(os.path.join(out, "final.json")) as f:
+            return json.load(f).get("epochs") == args.epochs
+    except (OSError, ValueError):
+        return False
+
+
 def run(args, Method):
     """The whole life of a run: checks, run folder, (DDP) training, final.json."""
+    out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
+    if args.resume and not args.bench and _finished(out, args):
+        print(f"{out} is finished ({args.epochs} epochs): {out}/final.json; nothing to do "
+              f"(a larger --epochs extends it)")
+        return
     try:
         data = None if args.bench else load_image_folders(args.data_dir) if args.dataset == "imagenet" \
             else load_cifar(args.dataset, args.data_dir)
@@ -813,45 +951,117 @@ def run(args, Method):
         Method(args, num_classes)  # build once here so that model errors (e.g. SOKD's teacher) come first
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
         fail(e)
-    out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
+    made = None  # (folder created now?, it had no checkpoint): what to undo if the start fails
     if not args.bench:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs this: rank 0 alone may
-            _prepare_run_dir(args, out)          # check, delete and create the folder (the others write nothing)
+            made = _prepare_run_dir(args, out)   # check, lock, clean and create the folder (the others write nothing)
     else:
         os.makedirs(out, exist_ok=True)
     world = len(args.devices)
-    if world > 1 and "RANK" not in os.environ:
-        import torch.multiprocessing as mp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        try:
-            mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
-        except mp.ProcessRaisedException as e:  # spawn has already stopped the other ranks
-            fail(f"a training process failed and every rank was stopped; its error:{e}")
-    elif "RANK" in os.environ:  # torchrun
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
-    else:
-        _worker(0, 1, args, Method, out, data)
+    try:
+        if world > 1 and "RANK" not in os.environ:
+            import torch.multiprocessing as mp
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            try:
+                mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
+            except mp.ProcessRaisedException as e:  # spawn has already stopped the other ranks
+                raise RuntimeError(f"a training process failed and every rank was stopped; its error:{e}") from None
+        elif "RANK" in os.environ:  # torchrun
+            _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
+        else:
+            _worker(0, 1, args, Method, out, data)
+    except KeyboardInterrupt:
+        ckpt = os.path.join(out, "checkpoint.pt")
+        print(f"\nstopped at once (second Ctrl-C); "
+              + (f"{ckpt} is intact: --resume continues from it" if os.path.isfile(ckpt) else
+                 f"no checkpoint yet in {out}: --resume starts the run over"), file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        note = _undo_start(out, made)
+        if isinstance(e, (DataError, DiskFull, FileNotFoundError, RuntimeError, ValueError)):
+            fail(f"{e}{note}")
+        raise
+    finally:
+        _unlock()
+
+
+def _undo_start(out, made):
+    """After a failure: a run folder that got no checkpoint in this start is left as it was found (the
+    files this start wrote removed; the folder too if this start created it). Returns a note saying so."""
+    if not made or os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        return ""
+    created, _ = made
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return f" (nothing was kept: {out} removed)"
+    return f" (no checkpoint was written: the run files of {out} removed)"
+
+
+def _is_run_folder(out):
+    """A folder this repo may write into: it holds a run (run.json or checkpoint.pt), or only run files."""
+    names = [n for n in os.listdir(out) if n != ".lock" and not n.startswith(".tmp-")]
+    return any(n in ("run.json", "checkpoint.pt") for n in names) or all(n in RUN_FILES for n in names)
+
+
+def _lock_run_dir(out):
+    """An exclusive lock on out/.lock for this process's whole life: a second process on the same run
+    folder is refused. The OS releases it when the process ends, however it ends (no stale lock)."""
+    global _LOCK
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer per folder is then up to the user
+        return
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        fail(f"run folder {out} is in use by another process (pid {holder}); wait for it to end or stop it")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCK = fd
+
+
+def _unlock():
+    """Release the run folder (the OS does it anyway when the process ends; run() in a longer-lived
+    process, e.g. a test or a notebook, releases it when the run is over)."""
+    global _LOCK
+    if _LOCK is not None:
+        os.close(_LOCK)
+        _LOCK = None
 
 
 def _prepare_run_dir(args, out):
-    ckpt = os.path.join(out, "checkpoint.pt")
-    if args.resume:
-        try:
-            meta = load_checkpoint(ckpt)["args"]
-        except (FileNotFoundError, RuntimeError) as e:
-            fail(f"--resume: {e}")
-        diff = [f"--{k.replace('_', '-')} {meta.get(k)!r} (checkpoint) vs {v!r} (now)" for k, v in vars(args).items()
-                if k not in RUN_CONTROL and k != "devices" and meta.get(k) != v]
-        if diff:
-            fail(f"--resume: the checkpoint in {out} was made with other settings: " + "; ".join(diff))
-    elif os.path.exists(out):
-        if not args.force:
-            fail(f"run folder {out} exists; pass --resume to continue it or --force to start over")
-        shutil.rmtree(out)
+    """Check, lock and (with --force) clean the run folder. Returns (created now, had no checkpoint)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    exists = os.path.isdir(out)
+    if exists and not _is_run_folder(out):
+        fail(f"{out} exists and is not a run folder of this repo (no run.json or checkpoint.pt); "
+             f"{'--force deletes run folders only; ' if args.force else ''}choose another --out")
+    had_run = exists and any(os.path.exists(os.path.join(out, n)) for n in RUN_FILES)
+    if had_run and not (args.resume or args.force):
+        fail(f"run folder {out} exists; pass --resume to continue it or --force to start over")
     os.makedirs(out, exist_ok=True)
+    _lock_run_dir(out)  # before anything is removed or written: another run may own the folder
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if args.force and had_run:
+        removed = []
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+                removed.append(name)
+        print(f"--force: starting over in {out}; removed {', '.join(removed)}")
+    elif args.resume and not os.path.isfile(ckpt):
+        print(f"--resume: no checkpoint in {out} yet; starting the run from epoch 1")
+    return not exists, not os.path.isfile(ckpt)
 
 
 def _set_lr(opt, args, epoch):
@@ -888,12 +1098,14 @@ def _worker(rank, world, args, Method, out, data):
             dist.destroy_process_group()
 
 
-def _resume_checkpoint(path, rank, world):
-    """The checkpoint to resume from: rank 0 reads it and sends it to the other ranks, so that the
-    processes on other machines need no shared disk (they never read or write the run folder)."""
+def _resume_checkpoint(args, path, rank, world):
+    """The checkpoint to resume from (None: start from epoch 1): rank 0 reads it and sends it to the
+    other ranks, so that the processes on other machines need no shared disk (they never read or
+    write the run folder)."""
+    ck = load_checkpoint(path) if rank == 0 and args.resume and os.path.isfile(path) else None
     if world == 1:
-        return load_checkpoint(path)
-    box = [load_checkpoint(path) if rank == 0 else None]
+        return ck
+    box = [ck]
     dist.broadcast_object_list(box, 0)
     return box[0]
 
@@ -921,6 +1133,8 @@ def _train(rank, world, args, Method, out, data, device):
     else:
         tx, ty, vx, vy = data
         holdout_n, hold = (0 if args.bench else getattr(model, "holdout", 0)), None  # --bench: no holdout
+        if holdout_n >= len(ty):
+            raise DataError(f"a holdout of {holdout_n} images leaves nothing of the {len(ty)} training images")
         if holdout_n:
             held, kept = holdout_split(len(ty), holdout_n, args.seed)
             tx, ty, hx, hy = tx[kept], ty[kept], tx[held], ty[held]
@@ -944,8 +1158,8 @@ def _train(rank, world, args, Method, out, data, device):
         return _bench(args, model, step_model, opts, train_data, device, amp, out)
 
     ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
-    if args.resume:
-        ck = _resume_checkpoint(ckpt_path, rank, world)
+    ck = _resume_checkpoint(args, ckpt_path, rank, world)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         if extra is not None:
@@ -953,15 +1167,20 @@ def _train(rank, world, args, Method, out, data, device):
         history, start = ck["history"], ck["epoch"]
         print(f"resumed {out} at epoch {start}")
     resolved = getattr(model, "resolved", {})
-    if rank == 0 and start == 0:
-        with open(os.path.join(out, "run.json"), "w") as f:  # lets `summarize` show runs still in progress
-            json.dump({**_plain_args(args), "resolved": resolved}, f, indent=1)
-        print(f"{args.method} {args.arch} {args.dataset}: "
-              f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
-              f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
     if rank == 0:
+        # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's
+        # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
+        atomic_json({**_plain_args(args), "resolved": resolved}, os.path.join(out, "run.json"))
+        _write_log(out, history)
+        if start == 0:
+            print(f"{args.method} {args.arch} {args.dataset}: "
+                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
+                  f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
+        if getattr(args, "extended_from", None):
+            print(f"--epochs {args.epochs}: extending the run from {args.extended_from} epochs")
         print(describe_schedule(args, resolved))
     stop = Interrupt()
+    stop.done = start
     progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
     for epoch in range(start, args.epochs):
         lr = _set_lr(opt, args, epoch)
@@ -991,7 +1210,8 @@ def _train(rank, world, args, Method, out, data, device):
         if progress:
             progress.clear()
         if stop.hit:  # epochs are counted from 1 in messages, as in the log
-            kept = f"the checkpoint of epoch {epoch} is kept in {out}" if epoch else "no epoch was complete"
+            kept = (f"the checkpoint of epoch {epoch} is kept in {out}: --resume continues from it" if epoch else
+                    f"no epoch was complete, so there is no checkpoint: --resume starts the run over in {out}")
             print(f"stopped in epoch {epoch + 1}; {kept}")
             sys.exit(130)
         if first_bad.item() >= 0:
@@ -1011,11 +1231,15 @@ def _train(rank, world, args, Method, out, data, device):
         row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
                "images_per_second": round(n_train / seconds, 1)}
         history.append(row)
-        if rank == 0:
-            _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs)
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                         **({"opt_extra": extra.state_dict()} if extra is not None else {}),
-                         "history": history, "args": _plain_args(args)}, ckpt_path)
+        if rank == 0:  # the checkpoint first, then the log row: the log never runs ahead of the checkpoint
+            try:
+                atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                             **({"opt_extra": extra.state_dict()} if extra is not None else {}),
+                             "history": history, "args": _plain_args(args)}, ckpt_path)
+            except DiskFull as e:
+                raise DiskFull(f"{e}; the checkpoint of epoch {epoch} is intact: free space, then --resume") from None
+            _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs, header=epoch == start)
+            stop.done = epoch + 1
         if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
             print(f"halted after epoch {epoch + 1} (--halt-after)")
             return
@@ -1074,21 +1298,44 @@ def evaluate(model, data, amp, world=1):
     return {k: round(100.0 * c / total.item(), 2) for k, c in zip(heads, correct.tolist())}
 
 
-def _log(out, row, term_names, head_names, deploy, epochs):
-    """One fixed-width line per epoch and the same columns in log.csv."""
-    if row["epoch"] == 1 or not os.path.exists(os.path.join(out, "log.csv")):
+def _log(out, row, term_names, head_names, deploy, epochs, header=False):
+    """One fixed-width line per epoch (the column names first in every process) and the row in log.csv."""
+    if header:
         print(f"{'epoch':>9} {'lr':>7} | " + " ".join(f"{t:>8}" for t in term_names) + " | "
               + " ".join(f"{h + ('*' if h == deploy else ''):>9}" for h in head_names) + " | s/ep     img/s")
     print(f"{row['epoch']:>4}/{epochs:<4} {row['lr']:7.4f} | " + " ".join(f"{row[t]:8.4f}" for t in term_names)
           + " | " + " ".join(f"{row[h]:9.2f}" if row[h] is not None else f"{'-':>9}" for h in head_names)
           + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
     path = os.path.join(out, "log.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    try:
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(f"disk full while writing {path} ({shutil.disk_usage(out).free / 2**20:.0f} MiB free); "
+                       f"the checkpoint of epoch {row['epoch']} is intact: free space, then --resume") from None
+
+
+def _write_log(out, history):
+    """log.csv as the checkpoint's history says (atomically): what a resume continues from."""
+    path = os.path.join(out, "log.csv")
+    if not history:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+
+    def write(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
 
 
 def describe_schedule(args, resolved):
@@ -1145,8 +1392,7 @@ def _final(args, out, model, history, rank_sums, device, train_top1=None, resolv
              "processes": len(rank_sums), "rank_param_sums": rank_sums,
              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
              "args": _plain_args(args)}
-    with open(os.path.join(out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    atomic_json(final, os.path.join(out, "final.json"))
     d = model.deploy
     others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
     print(f"done: {d} (deployable) {final['last'][d]:.2f}% top-1 at the last epoch"
@@ -1213,8 +1459,7 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    with open(os.path.join(out, "bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_json(res, os.path.join(out, "bench.json"))
     print(f"bench {args.method} {args.arch}: {res['images_per_second']:.0f} img/s, "
           f"{1000 * res['seconds_per_step']:.1f} ms/step (bare step {res['bare_step_images_per_second']:.0f} img/s, "
           f"loop/bare {res['loop_over_bare']:.3f}), peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
@@ -1225,46 +1470,100 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
 # =================================================================================================
 
 def _mean_std(vals):
+    """(mean, sample std, n) of a list; std 0 for one value, (None, None, 0) for none."""
     if not vals:
-        return ""
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f"{float(np.mean(vals)):.2f} +- {std:.2f} (n={len(vals)})"
+        return None, None, 0
+    return (round(float(np.mean(vals)), 2), round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else 0.0,
+            len(vals))
+
+
+# settings that do not make two runs different experiments: the seed, how they were run, what was derived
+# (and SOKD's teacher checkpoint path: one per seed; the teacher's architecture, teacher_arch, stays a setting)
+NOT_SETTINGS = RUN_CONTROL | {"seed", "scaled", "extended_from", "resolved", "devices", "teacher"}
+
+
+def _read_runs(root):
+    """(finished final.json dicts, unfinished run.json dicts) of the run folders directly under root;
+    an unreadable file is skipped with a warning on stderr."""
+    done, running = [], []
+    for name in sorted(os.listdir(root)):
+        final, started = os.path.join(root, name, "final.json"), os.path.join(root, name, "run.json")
+        path = final if os.path.isfile(final) else started if os.path.isfile(started) else None
+        if path is None:
+            continue
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            if path == final:
+                r["last"][r["deploy"]]  # the one number the table needs
+            if not isinstance(r.get("method"), str):
+                raise ValueError("no method")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: skipped {path}: not a readable run file ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        (done if path == final else running).append(r)
+    return done, running
 
 
 def summarize(root, as_csv=False, plot=True):
-    """One row per method x arch x dataset: last-epoch top-1 of the deployable head and of the
-    "ensemble" head as mean +- std over seeds (finished runs), and how many runs are in progress."""
+    """One row per experiment: runs that differ only in --seed (and in how they were run) are grouped;
+    the settings that differ between rows are shown as columns. Per row: the deployable head's
+    last-epoch top-1 as mean, std and n over the finished seeds, the "ensemble" head beside it, the
+    deployable head's top-1 on training images (final.json's train_last), training seconds per run,
+    device, and how many runs are still in progress."""
+    if not os.path.isdir(root):
+        fail(f"{root}: no such folder (give the folder that holds the run folders, e.g. runs/)")
+    done, running = _read_runs(root)
+
+    def settings(r):
+        a = {**r.get("args", {}), **{k: r[k] for k in ("method", "arch", "dataset", "epochs") if k in r}}
+        return {k: v for k, v in a.items() if k not in NOT_SETTINGS}
+
     groups = {}
-    for name in sorted(os.listdir(root)):
-        final, started = os.path.join(root, name, "final.json"), os.path.join(root, name, "run.json")
-        if not os.path.isfile(final) and not os.path.isfile(started):
-            continue
-        with open(final if os.path.isfile(final) else started) as f:
-            r = json.load(f)
-        g = groups.setdefault((r["method"], r["arch"], r["dataset"]), {"done": [], "running": 0})
-        if os.path.isfile(final):
+    for r in done + running:
+        key = json.dumps(settings(r), sort_keys=True, default=str)
+        g = groups.setdefault(key, {"settings": settings(r), "done": [], "running": 0})
+        if r in done:
             g["done"].append(r)
         else:
             g["running"] += 1
+    families = {}  # rows of one method, arch and dataset: the settings that differ between them become columns
+    for g in groups.values():
+        families.setdefault(tuple(g["settings"].get(k) for k in ("method", "arch", "dataset")), []).append(g)
+    keys = sorted({k for g in groups.values() for k in g["settings"]} - {"method", "arch", "dataset"})
+    varying = [k for k in keys if any(len({json.dumps(g["settings"].get(k), default=str) for g in fam}) > 1
+                                      for fam in families.values())]
     rows = []
-    for (method, arch, dataset), g in sorted(groups.items()):
-        done, first = g["done"], (g["done"][0] if g["done"] else {})
-        status = ", ".join(([f"{len(done)} done"] if done else []) + ([f"{g['running']} running"] if g["running"] else []))
-        rows.append({"method": method, "arch": arch, "dataset": dataset, "deploy": first.get("deploy", ""),
-                     "deploy_top1": _mean_std([r["last"][r["deploy"]] for r in done]),
-                     "ensemble_top1": _mean_std([r["last"]["ensemble"] for r in done if "ensemble" in r["last"]]),
-                     "params": first["params"][first["deploy"]] if done else "",
-                     "images_per_second": round(float(np.mean([r["images_per_second"] for r in done]))) if done else "",
-                     "epochs": first.get("epochs", ""), "status": status})
-    cols = list(rows[0]) if rows else ["method"]
+    for g in sorted(groups.values(), key=lambda g: json.dumps([g["settings"].get(k) for k in
+                                                                ("method", "arch", "dataset", *varying)], default=str)):
+        done_, first, st = g["done"], (g["done"][0] if g["done"] else {}), g["settings"]
+        dep = _mean_std([r["last"][r["deploy"]] for r in done_])
+        ens = _mean_std([r["last"]["ensemble"] for r in done_ if "ensemble" in r["last"]])
+        train = _mean_std([r["train_last"][r["deploy"]] for r in done_ if r.get("train_last")])
+        row = {"method": st.get("method"), "arch": st.get("arch"), "dataset": st.get("dataset"),
+               **{k: st.get(k) for k in varying}, "deploy": first.get("deploy", ""),
+               "deploy_mean": dep[0], "deploy_std": dep[1], "n": dep[2], "ensemble_mean": ens[0],
+               "ensemble_std": ens[1], "train_top1_mean": train[0],
+               "params": first["params"][first["deploy"]] if done_ else None,
+               "seconds_per_run": round(float(np.mean([r["seconds"] for r in done_]))) if done_ and
+               all("seconds" in r for r in done_) else None,
+               "device": first.get("device"), "running": g["running"]}
+        rows.append(row)
     if as_csv:
-        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["method"])
         w.writeheader()
         w.writerows(rows)
     else:
+        fmt = lambda m, s, n: "" if m is None else f"{m:.2f} ± {s:.2f}" + (f" (n={n})" if n is not None else "")
+        cols = ["method", "arch", "dataset", *varying, "deploy", "top-1 (deploy)", "ensemble", "train top-1",
+                "params", "s/run (train)", "device", "running"]
         print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
         for r in rows:
-            print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+            cells = [r["method"], r["arch"], r["dataset"], *[r[k] for k in varying], r["deploy"],
+                     fmt(r["deploy_mean"], r["deploy_std"], r["n"]), fmt(r["ensemble_mean"], r["ensemble_std"], None),
+                     "" if r["train_top1_mean"] is None else f"{r['train_top1_mean']:.2f}", r["params"],
+                     r["seconds_per_run"], r["device"], r["running"] or ""]
+            print("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     if plot:
         _plot(root)
     return rows
@@ -1277,29 +1576,35 @@ def _plot(root):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: `pip install matplotlib` to get curves.png")
+        print("matplotlib is not installed: `pip install matplotlib` to get curves.png", file=sys.stderr)
         return None
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {}
+    colors, palette = {}, plt.get_cmap("tab20").colors  # one colour per method, up to 20 methods
     for name in sorted(os.listdir(root)):
         log, final = os.path.join(root, name, "log.csv"), os.path.join(root, name, "final.json")
         if not (os.path.isfile(log) and os.path.isfile(final)):
             continue
-        with open(log) as f:
-            rows = list(csv.DictReader(f))
-        with open(final) as f:
-            r = json.load(f)
+        try:
+            with open(log) as f:
+                rows = list(csv.DictReader(f))
+            with open(final) as f:
+                r = json.load(f)
+            rows = [row for row in rows if row[r["deploy"]] not in ("", None)]  # epochs not tested (--eval-every)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # summarize has already warned about it
         first = r["method"] not in colors
-        c = colors.setdefault(r["method"], f"C{len(colors) % 10}")
-        rows = [row for row in rows if row[r["deploy"]] not in ("", None)]  # epochs not tested (--eval-every)
+        c = colors.setdefault(r["method"], palette[len(colors) % len(palette)])
         ax.plot([int(row["epoch"]) for row in rows], [float(row[r["deploy"]]) for row in rows], color=c,
                 label=r["method"] if first else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 % (deployable model)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     path = os.path.join(root, "curves.png")
     fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
     return path
 
 

@@ -67,14 +67,12 @@ class DML(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--peers", type=int, default=2, help="number of peers K (ignored when --arch lists several)")
-    common.add_arg(p, "--T", type=float, default=1.0, help="temperature; the paper uses none (1)")
+    common.add_arg(p, "--peers", type=int, default=2, check="two+", help="number of peers K (ignored when --arch lists several)")
+    common.add_arg(p, "--T", type=float, default=1.0, check="positive", help="temperature; the paper uses none (1)")
     args = common.parse(p, "dml")
     n = len(args.arch.split(","))
     if n > 1:
         args.peers = n
-    if args.peers < 2:
-        p.error("--peers must be at least 2")
     common.run(args, DML)
 
 

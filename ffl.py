@@ -109,17 +109,13 @@ class FFL(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--branches", type=int, default=2, help="number of sub-networks N")
-    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--branches", type=int, default=2, check="two+", help="number of sub-networks N")
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weights; 0: none")
-    common.add_arg(p, "--fusion-wd", type=float, default=1e-5, help="weight decay of the fusion module")
+    common.add_arg(p, "--fusion-wd", type=float, default=1e-5, check="nonneg", help="weight decay of the fusion module")
     args = common.parse(p, "ffl")
     if "," in args.arch:
         p.error("ffl.py builds one multi-branch network (FFL-S): give a single --arch")
-    if args.branches < 2:
-        p.error("--branches must be at least 2")
-    if args.T <= 0 or args.rampup < 0 or args.fusion_wd < 0:
-        p.error("--T must be positive, --rampup and --fusion-wd non-negative")
     common.run(args, FFL)
 
 

@@ -173,25 +173,18 @@ class KDCL(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--peers", type=int, default=2, help="number of students m (ignored when --arch lists several)")
+    common.add_arg(p, "--peers", type=int, default=2, check="two+", help="number of students m (ignored when --arch lists several)")
     common.add_arg(p, "--variant", default="minlogit", choices=["naive", "linear", "minlogit", "general"],
                    help="how the soft target is built from the students")
-    common.add_arg(p, "--T", type=float, default=3.0, help="temperature; the paper's value was not recovered")
-    common.add_arg(p, "--lam", type=float, default=1.0,
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="temperature; the paper's value was not recovered")
+    common.add_arg(p, "--lam", type=float, default=1.0, check="nonneg",
                    help="weight of the KD term; the paper's value was not recovered")
-    common.add_arg(p, "--val-size", type=int, default=5000,
+    common.add_arg(p, "--val-size", type=int, default=5000, check="positive",
                    help="training images held out to weigh the students (--variant general only)")
     args = common.parse(p, "kdcl")
     n = len(args.arch.split(","))
     if n > 1:
         args.peers = n
-    if args.peers < 2:
-        p.error("--peers must be at least 2")
-    if args.T <= 0 or args.lam < 0:
-        p.error("--T must be positive and --lam non-negative")
-    cifar = args.dataset in common.DATASETS
-    if args.variant == "general" and (args.val_size <= 0 or cifar and args.val_size >= 50000):
-        p.error("--val-size must be positive and leave training images (CIFAR has 50000)")
     common.run(args, KDCL)
 
 

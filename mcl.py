@@ -177,23 +177,17 @@ class MCL(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--branches", type=int, default=4, help="number of branches (views)")
-    common.add_arg(p, "--T", type=float, default=3.0, help="DOT temperature")
-    common.add_arg(p, "--dot-w", type=float, default=1.0, help="weight of DOT (last branch <- mean logits)")
-    common.add_arg(p, "--nce-w", type=float, default=0.025, help="weight of the summed pairwise NCE")
-    common.add_arg(p, "--feat-dim", type=int, default=128, help="embedding (and bank row) dimension")
-    common.add_arg(p, "--nce-k", type=int, default=256, help="negatives per image (official: 16384 for VGG-16)")
-    common.add_arg(p, "--nce-t", type=float, default=0.1, help="NCE temperature")
-    common.add_arg(p, "--nce-m", type=float, default=0.5, help="bank momentum: weight of the old row")
+    common.add_arg(p, "--branches", type=int, default=4, check="two+", help="number of branches (views)")
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="DOT temperature")
+    common.add_arg(p, "--dot-w", type=float, default=1.0, check="nonneg", help="weight of DOT (last branch <- mean logits)")
+    common.add_arg(p, "--nce-w", type=float, default=0.025, check="nonneg", help="weight of the summed pairwise NCE")
+    common.add_arg(p, "--feat-dim", type=int, default=128, check="positive", help="embedding (and bank row) dimension")
+    common.add_arg(p, "--nce-k", type=int, default=256, check="positive", help="negatives per image (official: 16384 for VGG-16)")
+    common.add_arg(p, "--nce-t", type=float, default=0.1, check="positive", help="NCE temperature")
+    common.add_arg(p, "--nce-m", type=float, default=0.5, check="unit", help="bank momentum: weight of the old row")
     args = common.parse(p, "mcl")
     if "," in args.arch:
         p.error("mcl.py splits one architecture into branches: give a single --arch")
-    if args.branches < 2:
-        p.error("--branches must be at least 2")
-    if args.feat_dim < 1 or args.nce_k < 1 or args.nce_t <= 0:
-        p.error("--feat-dim and --nce-k must be positive, --nce-t above 0")
-    if not 0 <= args.nce_m < 1:
-        p.error("--nce-m must lie in [0, 1)")
     common.run(args, MCL)
 
 

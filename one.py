@@ -95,16 +95,12 @@ class ONE(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--branches", type=int, default=3, help="number of branches m")
-    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--branches", type=int, default=3, check="two+", help="number of branches m")
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weight; 0: none")
     args = common.parse(p, "one")
     if "," in args.arch:
         p.error("one.py builds one multi-branch network: give a single --arch")
-    if args.branches < 2:
-        p.error("--branches must be at least 2")
-    if args.T <= 0 or args.rampup < 0:
-        p.error("--T must be positive and --rampup non-negative")
     common.run(args, ONE)
 
 

@@ -143,19 +143,15 @@ class PCL(nn.Module):
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--peers", type=int, default=3, help="number of peers m")
-    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--peers", type=int, default=3, check="two+", help="number of peers m")
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of both KD weights; 0: none")
-    common.add_arg(p, "--ema-decay", type=float, default=None, help="largest decay a_t of the peer mean teachers; "
+    common.add_arg(p, "--ema-decay", type=float, default=None, check="unit", help="largest decay a_t of the peer mean teachers; "
                    "when not given: 0.999 (a 1,000-step horizon) under the protocol, the horizon scaled to the "
                    "same fraction of a shorter or longer run")
     args = common.parse(p, "pcl")
     if "," in args.arch:
         p.error("pcl.py builds one multi-branch network: give a single --arch")
-    if args.peers < 2:
-        p.error("--peers must be at least 2")
-    if args.T <= 0 or args.rampup < 0 or (args.ema_decay is not None and not 0 <= args.ema_decay < 1):
-        p.error("--T must be positive, --rampup non-negative and --ema-decay in [0, 1)")
     common.run(args, PCL)
 
 

@@ -219,8 +219,8 @@ def main():
                         "runs/baseline-<--teacher-arch or wrn_40_2>-<dataset>-s0/checkpoint.pt")
     common.add_arg(p, "--teacher-arch", default=None, help="teacher backbone; None: the checkpoint's "
                                                            "(if given, it must match the checkpoint)")
-    common.add_arg(p, "--T", type=float, default=4.0, help="temperature of every KD term (official: 4)")
-    common.add_arg(p, "--kd-teacher", type=float, default=0.0,
+    common.add_arg(p, "--T", type=float, default=4.0, check="positive", help="temperature of every KD term (official: 4)")
+    common.add_arg(p, "--kd-teacher", type=float, default=0.0, check="nonneg",
                    help="weight of a direct teacher -> student KD term (official code: none)")
     common.add_arg(p, "--export-teacher", default=None, metavar="RUN_DIR",
                    help="write RUN_DIR/improved_teacher.pt (teacher trunk + KBM, baseline.py format, "
@@ -239,8 +239,6 @@ def main():
     if args.teacher_arch is not None and args.teacher_arch not in common.ARCHS:
         p.error(f"argument --teacher-arch: invalid choice: {args.teacher_arch!r} "
                 f"(choose from {', '.join(common.ARCHS)})")
-    if args.T <= 0 or args.kd_teacher < 0:
-        p.error("--T must be positive and --kd-teacher non-negative")
     if args.teacher is None:
         args.teacher = os.path.join("runs", f"baseline-{args.teacher_arch or 'wrn_40_2'}-{args.dataset}-s0",
                                     "checkpoint.pt")

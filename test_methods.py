@@ -17,11 +17,16 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import copy
+
+import cl
 import common
 import dml
+import ffsd
 import ffl
 import kdcl
 import mcl
+import okddip
 import one
 import pcl
 import sokd
@@ -373,11 +378,11 @@ def test_resume_with_other_settings_is_refused_naming_the_mismatch(data, tmp_pat
     assert "--arch 'resnet8' (checkpoint) vs 'resnet14' (now)" in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_or_with_garbage_is_a_clear_error(data, tmp_path, capsys):
-    out = tmp_path / "r"
-    with pytest.raises(SystemExit):
-        run_main("baseline", *TINY, "--data-dir", data, "--out", out, "--resume")
-    assert "no checkpoint at" in capsys.readouterr().err
+def test_resume_without_checkpoint_starts_the_run_and_garbage_is_a_clear_error(data, tmp_path, capsys):
+    out = tmp_path / "r"  # no folder yet: --resume starts it (the reproduction loop always passes --resume)
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", out, "--resume")
+    assert read_final(out)["epochs"] == 1 and len(read_log(out)) == 1
+    out = tmp_path / "g"
     os.makedirs(out)
     (out / "checkpoint.pt").write_bytes(b"\x80\x04garbage" * 10)
     with pytest.raises(SystemExit):
@@ -531,6 +536,7 @@ def count_syncs_in_steps(monkeypatch, script, *argv):
 
 
 @pytest.mark.parametrize("script,extra", [("dml", []), ("pcl", []), ("mcl", []), ("kdcl", ["--variant", "linear"]),
+                                          ("cl", []), ("okddip", []), ("ffsd", []),
                                           ("sokd", ["--teacher-arch", "resnet8", "--teacher", "absent.pt"])])
 def test_training_step_has_no_host_sync(script, extra, monkeypatch, tmp_path):
     """The step (forward, backward, SGD, after_step: EMA teachers, memory banks) never waits for the device."""
@@ -1826,7 +1832,8 @@ def test_imagenet_missing_folder_is_a_one_line_error(tmp_path, capsys, layout, m
 # DDP for the methods with state beyond the weights (EMA teachers, memory banks, holdout weights)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script,extra", [("pcl", []), ("mcl", []), ("kdcl", ["--variant", "general", "--val-size", 64])])
+@pytest.mark.parametrize("script,extra", [("pcl", []), ("mcl", []), ("kdcl", ["--variant", "general", "--val-size", 64]),
+                                          ("cl", []), ("okddip", []), ("ffsd", [])])
 def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
     out = tmp_path / script
     r = run_cli(script, "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data,
@@ -1840,12 +1847,1003 @@ def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
 
 def test_each_method_file_runs_copied_next_to_common_alone(tmp_path):
     """People copy a method file into their project: it needs common.py and nothing else from here."""
-    scripts = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd"]
+    scripts = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd", "cl", "okddip", "ffsd"]
     for name in scripts + ["common"]:
         shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
     code = "import sys; sys.argv = ['x', '-h']\n" + "".join(
         f"import {s}\ntry:\n    {s}.main()\nexcept SystemExit as e:\n    assert e.code == 0\n" for s in scripts)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for flag in ("--peers", "--variant", "--branches", "--fusion-wd", "--ema-decay", "--nce-k", "--teacher"):
+    for flag in ("--peers", "--variant", "--branches", "--fusion-wd", "--ema-decay", "--nce-k", "--teacher",
+                 "--sharing", "--warmup"):
         assert flag in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# CL-ILR (cl.py)
+# ------------------------------------------------------------------------------------------------
+def _cl_args(**kw):
+    a = dict(arch="resnet8", heads=4, sharing="hierarchical", T=2.0, beta=0.5, no_rescale=False)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def _cl_model(nc=10, seed=0, **kw):
+    torch.manual_seed(seed)
+    return cl.CL(_cl_args(**kw), nc)
+
+
+def _cl_batch(B=4, nc=10):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, nc, (B,), generator=g)
+
+
+def _cl_grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# backpropagation rescaling
+# ------------------------------------------------------------------------------------------------
+
+def test_cl_scale_grad_is_identity_forward_and_one_over_k_backward():
+    x = torch.randn(3, 5, requires_grad=True)
+    up = torch.randn(3, 5)
+    y = cl.ScaleGrad.apply(x, 4)
+    assert torch.equal(y, x)
+    (y * up).sum().backward()
+    assert torch.allclose(x.grad, up / 4)
+
+
+@pytest.mark.parametrize("sharing", ["hierarchical", "simple"])
+def test_cl_rescaling_gives_each_shared_layer_1_over_k_of_the_sum_of_its_heads_gradients(sharing):
+    """Same weights, same batch: per head h, g_h = gradient of head h's loss without rescaling. With
+    rescaling, on the whole loss: the trunk gets (1/4) sum_h g_h; stage2 copy a (b) gets (1/2)(g_1 + g_2)
+    ((1/2)(g_3 + g_4)); each head's own last stage and classifier get g_h unchanged."""
+    on = _cl_model(sharing=sharing)
+    off = copy.deepcopy(on)
+    off.rescale = False
+    x, y = _cl_batch()
+    # per-head losses on the unscaled model: each head's CE and soft loss (the target is a constant)
+    z = off.head_logits(x)
+    t = cl.peer_targets(z)
+    shared = [*off.trunk.parameters(), *off.mids.parameters()]
+    g = [torch.autograd.grad(0.5 * F.cross_entropy(z[h], y) + 0.5 * cl.kd(z[h], t[h], 2.0), shared,
+                             retain_graph=True, allow_unused=True) for h in range(4)]
+    g = [[torch.zeros_like(p) if gi is None else gi for gi, p in zip(gh, shared)] for gh in g]
+    n_trunk = len(list(off.trunk.parameters()))
+    loss, _ = on(x, y, None, 0)
+    loss.backward()
+    for i, p in enumerate(on.trunk.parameters()):
+        want = sum(g[h][i] for h in range(4)) / 4
+        assert p.grad.abs().sum() > 0 and torch.allclose(p.grad, want, rtol=1e-4, atol=1e-7), i
+    if sharing == "hierarchical":
+        n_mid = len(list(off.mids[0].parameters()))
+        for c, pair in enumerate([(0, 1), (2, 3)]):
+            for i, p in enumerate(on.mids[c].parameters()):
+                j = n_trunk + c * n_mid + i
+                want = (g[pair[0]][j] + g[pair[1]][j]) / 2
+                assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-7), (c, i)
+                other = [h for h in range(4) if h not in pair]  # the other pair never reaches this copy
+                assert all(not g[h][j].any() for h in other)
+    else:
+        assert len(on.mids) == 0
+    # heads' own branches: no rescaling; compare with the whole unscaled loss
+    off.zero_grad(set_to_none=True)
+    off(x, y, None, 0)[0].backward()
+    for b_on, b_off in zip(on.branches, off.branches):
+        for p, q in zip(b_on.parameters(), b_off.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+    # and the unscaled trunk really gets the plain sum (4x the rescaled one): the test can tell them apart
+    for p, q in zip(on.trunk.parameters(), off.trunk.parameters()):
+        assert torch.allclose(q.grad, 4 * p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_cl_rescaling_changes_nothing_forward():
+    on = _cl_model()
+    off = copy.deepcopy(on)
+    off.rescale = False
+    x, y = _cl_batch()
+    for a, b in zip(on.head_logits(x), off.head_logits(x)):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# structure and parameter counts
+# ------------------------------------------------------------------------------------------------
+
+def test_cl_param_counts_resnet32_hierarchical_and_simple():
+    net = common.build_model("resnet32", 100)
+    stem_s1 = common.count_params(*net.stages[:2])
+    s2 = common.count_params(net.stages[2])
+    s3_fc = common.count_params(net.stages[3], net.fc)
+    assert (stem_s1, s2, s3_fc) == (464 + 23360, 88768, 353664 + 6500)
+    h = cl.CL(_cl_args(arch="resnet32"), 100)
+    assert common.count_params(h) == stem_s1 + 2 * s2 + 4 * s3_fc == 1642016
+    assert common.count_params(h.trunk) == stem_s1 and len(h.mids) == 2
+    assert h.head_params() == {"head1": 472756, "head2": 472756, "head3": 472756, "head4": 472756,
+                               "ensemble": 1642016}
+    s = cl.CL(_cl_args(arch="resnet32", sharing="simple"), 100)
+    assert common.count_params(s) == stem_s1 + s2 + 4 * s3_fc == 1553248
+    assert s.head_params()["head1"] == common.count_params(net) == 472756
+    assert s.head_params()["ensemble"] == 1553248
+
+
+def test_cl_heads_route_through_their_stage2_copy_and_head1_is_the_backbone():
+    """head h = trunk + stage2 copy h // 2 + its own stage3 + fc: with a whole net's weights copied
+    into that path, head h computes that net; ensemble is the mean of the heads' logits."""
+    m = _cl_model().eval()
+    x, _ = _cl_batch()
+    for h in range(4):
+        torch.manual_seed(10 + h)
+        net = common.build_model("resnet8", 10).eval()
+        m.trunk.load_state_dict(torch.nn.Sequential(*net.stages[:2]).state_dict())
+        m.mids[h // 2].load_state_dict(net.stages[2].state_dict())
+        m.branches[h].load_state_dict(common.Net([net.stages[3]], net.fc).state_dict())
+        with torch.no_grad():
+            heads = m.heads(x)
+            assert torch.allclose(heads[f"head{h + 1}"], net(x), atol=1e-5)
+    assert set(heads) == {"head1", "head2", "head3", "head4", "ensemble"} and m.deploy == "head1"
+    want = torch.stack([heads[f"head{h + 1}"] for h in range(4)]).mean(0)
+    assert torch.allclose(heads["ensemble"], want)
+
+
+def test_cl_odd_heads_last_one_alone_on_its_stage2_copy():
+    m = _cl_model(heads=3)
+    assert len(m.mids) == 2 and m.route == [0, 0, 1]
+    x, y = _cl_batch()
+    off = copy.deepcopy(m)
+    off.rescale = False
+    m(x, y, None, 0)[0].backward()
+    off(x, y, None, 0)[0].backward()
+    for p, q in zip(m.mids[1].parameters(), off.mids[1].parameters()):  # one consumer: x 1
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+    for p, q in zip(m.mids[0].parameters(), off.mids[0].parameters()):  # two consumers: x 1/2
+        assert torch.allclose(2 * p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss
+# ------------------------------------------------------------------------------------------------
+
+_Z = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]],
+      [[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]],
+      [[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]],
+      [[-1.0, 0.5, 0.5], [0.3, 0.2, -0.4]]]
+_Y = [1, 2]
+
+
+@pytest.mark.parametrize("T,beta", [(2.0, 0.5), (3.0, 0.3)])
+def test_cl_loss_matches_hand_computation(T, beta):
+    H = len(_Z)
+    # t_h by hand: the mean of the other three heads' logits, entry by entry
+    t = [[[sum(_Z[j][r][c] for j in range(H) if j != h) / (H - 1) for c in range(3)] for r in range(2)]
+         for h in range(H)]
+    ce = beta * sum(_hand_ce(_Z[h], _Y) for h in range(H))
+    kl = (1 - beta) * sum(_hand_kd(_Z[h], t[h], T) for h in range(H))
+    total, terms = cl.cl_loss([torch.tensor(z) for z in _Z], torch.tensor(_Y), T, beta)
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(ce + kl, rel=1e-5)
+    assert kl > 0.01 * ce  # the soft term is not negligible on these tensors
+
+
+def test_cl_kd_sends_no_gradient_into_the_heads_that_make_the_target():
+    T, beta = 2.0, 0.5
+    # on leaf logits: d kd / d z_j is the gradient of head j's own soft loss only, with t_j a constant
+    z = [torch.tensor(v, requires_grad=True) for v in _Z]
+    _, terms = cl.cl_loss(z, torch.tensor(_Y), T, beta)
+    terms["kd"].backward()
+    for j in range(4):
+        zj = z[j].detach().requires_grad_()
+        tj = sum(z[i].detach() for i in range(4) if i != j) / 3
+        (want,) = torch.autograd.grad((1 - beta) * cl.kd(zj, tj, T), zj)
+        assert torch.allclose(z[j].grad, want, atol=1e-6)
+
+    # in the model: head 1's soft loss trains head 1's path only (its branch, its stage2 copy, the trunk)
+    m = _cl_model()
+    x, y = _cl_batch()
+    logits = m.head_logits(x)
+    cl.kd(logits[0], cl.peer_targets(logits)[0], T).backward()
+    no_grad = lambda mod: all(p.grad is None or not p.grad.any() for p in mod.parameters())  # noqa: E731
+    assert all(no_grad(m.branches[h]) for h in (1, 2, 3)) and no_grad(m.mids[1])
+    assert m.branches[0].fc.weight.grad.abs().sum() > 0 and m.mids[0][0].body[0][0].weight.grad.abs().sum() > 0
+    assert m.trunk[0][0].weight.grad.abs().sum() > 0
+
+
+def test_cl_each_term_trains_every_head_and_the_shared_layers():
+    m = _cl_model()
+    x, y = _cl_batch()
+    for term in ("ce", "kd"):
+        m.zero_grad(set_to_none=True)
+        _, terms = m(x, y, None, 0)
+        terms[term].backward()
+        mods = [*m.branches, *m.mids, m.trunk]
+        assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters()) for mod in mods), term
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sharing", ["hierarchical", "simple"])
+def test_cl_end_to_end_two_epochs_writes_every_head(sharing, data, tmp_path):
+    out = tmp_path / "r"
+    run_main("cl", *TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 2, "--schedule", 1,
+             "--sharing", sharing, "--out", out)
+    fin = read_final(out)
+    assert set(fin["last"]) == {"head1", "head2", "head3", "head4", "ensemble"}
+    assert fin["deploy"] == "head1"
+    m = cl.CL(_cl_args(sharing=sharing), 100)
+    assert fin["params"] == m.head_params()
+    assert fin["params"]["head1"] == common.count_params(common.build_model("resnet8", 100))
+    assert fin["args"]["sharing"] == sharing and fin["args"]["T"] == 2.0 and fin["args"]["beta"] == 0.5
+    log = read_log(out)
+    assert len(log) == 2
+    for r in log:
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["kd"]), rel=1e-4)
+        assert float(r["kd"]) > 0
+    sd = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
+    assert any(k.startswith("mids.1.") for k in sd) == (sharing == "hierarchical")
+
+
+def _cl_weights(out):
+    return common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
+
+
+def test_cl_resume_reproduces_an_uninterrupted_run(data, tmp_path):
+    """Three separate processes (as a user runs them): common.py locks a run folder for the life of the
+    process that opened it, so the halted run and its --resume cannot share this test's process."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 2, "--schedule", 1]
+    for extra in (["--out", a], ["--out", b, "--halt-after", 1], ["--out", b, "--resume"]):
+        r = run_cli("cl", *args, *extra)
+        assert r.returncode == 0, r.stderr
+        if "--halt-after" in extra:
+            assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    wa, wb = _cl_weights(a), _cl_weights(b)
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_final(a)["last"] == read_final(b)["last"]
+
+
+@pytest.mark.parametrize("sharing", ["simple"])  # hierarchical: in test_training_step_has_no_host_sync
+def test_cl_training_step_has_no_host_sync(sharing, monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, "cl", *TINY, "--batch-size", 8, "--bench", 2, "--out", tmp_path / "b",
+                             "--sharing", sharing)
+    assert c["n"] == 0, c["what"]
+
+
+@pytest.mark.parametrize("bad,msg", [(["--heads", "1"], "argument --heads: 1 must be at least 2"),
+                                     (["--beta", "1.5"], "argument --beta: 1.5 must lie in [0, 1]"),
+                                     (["--beta", "-0.1"], "argument --beta: -0.1 must lie in [0, 1]"),
+                                     (["--T", "0"], "argument --T: 0.0 must be positive"),
+                                     (["--arch", "resnet8,resnet14"], "give a single --arch"),
+                                     (["--sharing", "pairs"], "invalid choice: 'pairs'")])
+def test_cl_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main("cl", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# OKDDip (okddip.py)
+# ------------------------------------------------------------------------------------------------
+def _okddip_model(arch="resnet8", nc=10, peers=3, seed=0):
+    torch.manual_seed(seed)
+    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=peers, T=3.0, rampup=80), nc)
+
+
+def _okddip_batch(B=4, nc=10):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 16, 16, generator=g), torch.arange(B) % nc  # nets pool globally: 16x16 is enough
+
+
+# ------------------------------------------------------------------------------------------------
+# attention and targets
+# ------------------------------------------------------------------------------------------------
+
+def test_okddip_attention_rows_sum_to_one_and_match_a_hand_computation():
+    m = _okddip_model().eval()
+    x, _ = _okddip_batch(5)
+    h = m.trunk(x)
+    feats = [p(h, features=True)[1] for p in m.peers]
+    alpha = m.attention_weights(feats)
+    assert alpha.shape == (5, 3, 3) and (alpha > 0).all()
+    assert torch.allclose(alpha.sum(-1), torch.ones(5, 3), atol=1e-6)  # every peer's weights sum to 1
+    assert not torch.allclose(alpha[:, 0], alpha[:, 1])  # each peer its own weights
+    # shared projections, no bias, C -> C // 8 (resnet8: 64 -> 8)
+    assert m.query.weight.shape == m.key.weight.shape == (8, 64) and m.query.bias is None and m.key.bias is None
+    # by hand in numpy: alpha_ab = exp(q_a . k_b) / sum_f exp(q_a . k_f), self included, no 1/sqrt(d)
+    F_, Wq, Wk = (t.detach().numpy().astype(np.float64) for t in (torch.stack(feats, 1), m.query.weight, m.key.weight))
+    for i in range(5):
+        q, k = F_[i] @ Wq.T, F_[i] @ Wk.T
+        for a in range(3):
+            e = np.exp([q[a] @ k[b] for b in range(3)])
+            assert np.allclose(alpha[i, a].detach().numpy(), e / e.sum(), atol=1e-5)
+
+
+def test_okddip_peer_targets_are_the_attention_weighted_peer_logits():
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(2, 4, generator=g) for _ in range(3)]
+    alpha = torch.softmax(torch.randn(2, 3, 3, generator=g), -1)
+    t = okddip.peer_targets(z, alpha)
+    for i in range(2):
+        for a in range(3):
+            for c in range(4):
+                want = sum(alpha[i, a, b].item() * z[b][i, c].item() for b in range(3))
+                assert t[i, a, c].item() == pytest.approx(want, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss on fixed tensors, by hand
+# ------------------------------------------------------------------------------------------------
+
+Z = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]],
+     [[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]],
+     [[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]]]          # 3 peers x 2 samples x 3 classes
+LEADER = [[0.5, 0.5, -1.0], [1.0, 2.0, 0.0]]
+ALPHA = [[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.0, 0.25, 0.75]],
+         [[1.0, 0.0, 0.0], [0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]]  # per sample, row a = peer a's weights
+Y = [1, 2]
+
+
+def test_okddip_loss_matches_hand_computation():
+    T, w = 3.0, 0.4
+    total, terms = okddip.okddip_loss([torch.tensor(z) for z in Z], torch.tensor(LEADER), torch.tensor(ALPHA),
+                                      torch.tensor(Y), T, w)
+    # targets by hand: t_a[i][c] = sum_b alpha[i][a][b] * z_b[i][c]
+    t = [[[sum(ALPHA[i][a][b] * Z[b][i][c] for b in range(3)) for c in range(3)] for i in range(2)] for a in range(3)]
+    mean = [[sum(Z[b][i][c] for b in range(3)) / 3 for c in range(3)] for i in range(2)]
+    want = {"ce": sum(_hand_ce(z, Y) for z in Z), "ce_l": _hand_ce(LEADER, Y),
+            "kd": w * sum(_hand_kd(Z[a], t[a], T) for a in range(3)), "kd_l": w * _hand_kd(LEADER, mean, T)}
+    assert set(terms) == set(want)
+    for k, v in want.items():
+        assert terms[k].item() == pytest.approx(v, rel=1e-5), k
+    assert want["kd"] > 0.01 and want["kd_l"] > 0.01
+    assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)  # loss = sum of the logged terms
+
+
+def test_okddip_peer_kd_gradient_treats_targets_as_constants_but_reaches_alpha():
+    """On leaf tensors: d kd / d z_a is w T (p_a^T - p^T(t_a)) / B, the gradient with t_a a constant (no
+    gradient into the other peers through the targets); alpha gets gradient; kd_l reaches only the leader."""
+    T, w = 3.0, 0.5
+    z = [torch.tensor(v, requires_grad=True) for v in Z]
+    lead = torch.tensor(LEADER, requires_grad=True)
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    _, terms = okddip.okddip_loss(z, lead, alpha, torch.tensor(Y), T, w)
+    gz = torch.autograd.grad(terms["kd"], [*z, alpha, lead], allow_unused=True)
+    t = torch.tensor(ALPHA) @ torch.tensor(Z).transpose(0, 1)  # (B, m, C)
+    for a in range(3):
+        want = w * T * ((torch.tensor(Z[a]) / T).softmax(1) - (t[:, a] / T).softmax(1)) / 2
+        assert torch.allclose(gz[a], want, atol=1e-6)
+    assert gz[3].abs().sum() > 1e-4  # the attention learns through the targets
+    assert gz[4] is None  # the leader is not in the peers' KD
+    gl = torch.autograd.grad(terms["kd_l"], [*z, alpha, lead], allow_unused=True)
+    assert all(g is None for g in gl[:4]) and gl[4].abs().sum() > 0  # the mean of the peers is a target only
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient flow in the model: which term trains which module
+# ------------------------------------------------------------------------------------------------
+
+def _okddip_grads(loss, modules):
+    """{name: total |grad|} of each module's parameters for this loss alone (0 where none reaches)."""
+    names = list(modules)
+    params = [list(modules[n].parameters()) for n in names]
+    flat = [p for ps in params for p in ps]
+    gs = iter(torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True))
+    out = {}
+    for n, ps in zip(names, params):
+        out[n] = sum(float(g.abs().sum()) if g is not None else 0.0 for g in (next(gs) for _ in ps))
+    return out
+
+
+def test_okddip_each_term_trains_its_modules_only():
+    m = _okddip_model()
+    x, y = _okddip_batch()
+    _, terms = m(x, y, None, 80)
+    mods = {"trunk": m.trunk, "peer1": m.peers[0], "peer2": m.peers[1], "peer3": m.peers[2],
+            "leader": m.leader, "query": m.query, "key": m.key}
+    expect = {"ce": {"trunk", "peer1", "peer2", "peer3"}, "ce_l": {"trunk", "leader"},
+              "kd": {"trunk", "peer1", "peer2", "peer3", "query", "key"}, "kd_l": {"trunk", "leader"}}
+    for term, trained in expect.items():
+        g = _okddip_grads(terms[term], mods)
+        assert {n for n, v in g.items() if v > 0} == trained, (term, g)
+
+
+def test_okddip_one_peers_kd_trains_that_peer_and_the_projections_not_the_other_peers():
+    """KL(t_1 || z_1) alone: peer 1 (student), the trunk, W_q and W_k; peers 2 and 3 (whose logits and
+    features build t_1) and the leader get nothing."""
+    m = _okddip_model()
+    x, _ = _okddip_batch()
+    h = m.trunk(x)
+    outs = [p(h, features=True) for p in m.peers]
+    logits = [z for z, _, _ in outs]
+    t = okddip.peer_targets(logits, m.attention_weights([f for _, f, _ in outs]))
+    kl1 = torch.nn.functional.kl_div(torch.log_softmax(logits[0] / 3, 1), torch.softmax(t[:, 0] / 3, 1),
+                                     reduction="batchmean")
+    g = _okddip_grads(kl1, {"trunk": m.trunk, "peer1": m.peers[0], "peer2": m.peers[1], "peer3": m.peers[2],
+                     "leader": m.leader, "query": m.query, "key": m.key})
+    assert g["peer1"] > 0 and g["trunk"] > 0 and g["query"] > 0 and g["key"] > 0
+    assert g["peer2"] == g["peer3"] == g["leader"] == 0.0
+
+
+def test_okddip_attention_gradient_reaches_only_the_projections():
+    """The peers' kd with alpha detached gives the peers and the trunk the very same gradient: the
+    attention path (through W_q, W_k and the features they read) ends at the projections."""
+    m = _okddip_model()
+    x, y = _okddip_batch()
+    live = [*m.trunk.parameters(), *m.peers.parameters()]
+    g1 = torch.autograd.grad(m(x, y, None, 80)[1]["kd"], live)
+    real = m.attention_weights
+    m.attention_weights = lambda feats: real(feats).detach()
+    g2 = torch.autograd.grad(m(x, y, None, 80)[1]["kd"], live)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g1, g2))
+    assert any(a.abs().sum() > 0 for a in g1)
+
+
+def test_okddip_projections_change_under_sgd_without_weight_decay():
+    m = _okddip_model()
+    x, y = _okddip_batch(8)
+    q0, k0 = m.query.weight.clone(), m.key.weight.clone()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5, weight_decay=0.0)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x, y, None, 80)[0].backward()
+        opt.step()
+    assert (m.query.weight - q0).abs().max() > 1e-6 and (m.key.weight - k0).abs().max() > 1e-6
+
+
+def test_okddip_rampup_scales_both_kd_terms():
+    m = _okddip_model()
+    with torch.no_grad():  # sharpen the classifiers so that the KD terms are well above rounding
+        for b in [*m.peers, m.leader]:
+            b.fc.weight.mul_(30)
+    x, y = _okddip_batch()
+    with torch.no_grad():  # train-mode BN, same batch: the same logits at every call
+        full = m(x, y, None, 80)[1]
+        for e in (0, 40, 200):
+            terms = m(x, y, None, e)[1]
+            for k in ("kd", "kd_l"):
+                assert terms[k].item() == pytest.approx(common.ramp_up(e, 80) * full[k].item(), rel=1e-5)
+            assert terms["ce"].item() == pytest.approx(full["ce"].item(), rel=1e-6)
+    assert full["kd"] > 0.1 and full["kd_l"] > 0.1
+
+
+def test_okddip_heads_ensemble_is_the_mean_of_the_peers():
+    m = _okddip_model().eval()
+    x, _ = _okddip_batch()
+    heads = m.heads(x)
+    assert list(heads) == ["peer1", "peer2", "peer3", "leader", "ensemble"] and m.deploy == "leader"
+    assert torch.allclose(heads["ensemble"], (heads["peer1"] + heads["peer2"] + heads["peer3"]) / 3, atol=1e-6)
+    assert torch.allclose(heads["leader"], m.leader(m.trunk(x)), atol=1e-6)
+    assert not torch.allclose(heads["leader"], heads["peer1"])  # independent branches
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter counts
+# ------------------------------------------------------------------------------------------------
+
+def test_okddip_param_counts_resnet32():
+    m = _okddip_model("resnet32", 100)
+    trunk, branch, proj = 112592, 360164, 2 * 64 * 8  # stem..stage2; stage3 + fc(64 -> 100); W_q, W_k
+    assert common.count_params(m.trunk) == trunk and common.count_params(m.leader) == branch
+    assert common.count_params(m.query, m.key) == proj == 1024
+    assert common.count_params(m) == trunk + 4 * branch + proj == 1554272
+    n = m.head_params()
+    assert n["leader"] == n["peer1"] == n["peer3"] == common.count_params(common.build_model("resnet32", 100)) == 472756
+    assert n["ensemble"] == trunk + 3 * branch
+
+
+def test_okddip_param_counts_resnet110b():
+    m = _okddip_model("resnet110b", 100)
+    assert m.query.weight.shape == (32, 256)  # C // 8 for the Bottleneck's 256-wide feature
+    assert m.head_params()["leader"] == common.count_params(common.build_model("resnet110b", 100)) == 1170868
+    assert common.count_params(m) == 3874016
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: 2 epochs, resume, host syncs, bad options
+# ------------------------------------------------------------------------------------------------
+
+RUN = [*TINY, "--batch-size", 16, "--epochs", 2, "--schedule", 1]  # with 32 images: 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def _okddip_okd_data(tmp_path_factory):
+    return fake_cifar(tmp_path_factory.mktemp("okd_cifar"), n_train=32, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def _okddip_okd_run(_okddip_okd_data, tmp_path_factory):
+    """A subprocess, like the halted and resumed runs below: common.py locks a run folder for the life
+    of the process that opened it, so halt and resume cannot share one process."""
+    out = tmp_path_factory.mktemp("okddip") / "r"
+    r = run_cli("okddip", *RUN, "--data-dir", _okddip_okd_data, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_okddip_end_to_end_writes_every_head(_okddip_okd_run):
+    fin = read_final(_okddip_okd_run)
+    heads = {"peer1", "peer2", "peer3", "leader", "ensemble"}
+    assert fin["deploy"] == "leader" and set(fin["last"]) == heads and set(fin["params"]) == heads
+    assert fin["params"] == _okddip_model("resnet8", 100).head_params()
+    assert fin["params"]["leader"] == common.count_params(common.build_model("resnet8", 100))
+    log = read_log(_okddip_okd_run)
+    assert len(log) == 2
+    for r in log:  # the logged terms add up to the loss; KD terms are on
+        parts = [float(r[k]) for k in ("ce", "ce_l", "kd", "kd_l")]
+        assert float(r["loss"]) == pytest.approx(sum(parts), rel=1e-4) and min(parts) > 0
+    assert fin["args"]["rampup"] == 1  # 80 x 2/300, at least 1: scaled with --epochs
+    ck = common.load_checkpoint(os.path.join(_okddip_okd_run, "checkpoint.pt"))["model"]
+    assert ck["query.weight"].shape == (8, 64) and "leader.fc.weight" in ck
+
+
+def test_okddip_resume_reproduces_an_uninterrupted_run(_okddip_okd_data, tmp_path, _okddip_okd_run):
+    b = tmp_path / "b"
+    args = [*RUN, "--data-dir", _okddip_okd_data, "--out", b]
+    r = run_cli("okddip", *args, "--halt-after", 1)
+    assert r.returncode == 0 and "halted after epoch 1" in r.stdout, r.stderr[-2000:]
+    assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    r = run_cli("okddip", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    wa = common.load_checkpoint(os.path.join(_okddip_okd_run, "checkpoint.pt"))["model"]
+    wb = common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]
+    assert set(wa) == set(wb) and "query.weight" in wa and "key.weight" in wa
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_final(_okddip_okd_run)["last"] == read_final(b)["last"]
+
+
+@pytest.mark.parametrize("bad,msg", [(["--peers", 1], "--peers must be at least 2"),
+                                     (["--arch", "resnet8,resnet14"], "give a single --arch"),
+                                     (["--T", 0], "--T must be positive"),
+                                     (["--rampup", -1], "--rampup")])
+def test_okddip_bad_options_are_refused(bad, msg, _okddip_okd_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main("okddip", *TINY, *bad, "--data-dir", _okddip_okd_data, "--out", tmp_path / "x")
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------
+# FFSD (ffsd.py)
+# ------------------------------------------------------------------------------------------------
+TERMS = ["ce", "kd", "div", "sd", "ce_f", "fusion", "ce_l", "kd_l", "fuse_l", "trans_l", "sd_l", "dec"]
+WARMED = {"div", "sd", "fuse_l", "trans_l", "sd_l", "dec"}  # the terms carrying a lambda
+
+
+def _ffsd_args(**kw):
+    a = dict(arch="resnet8", students=2, T=2.0, warmup=5, lambda_div=1e-5, lambda_fusion=10.0, lambda_sd=1000.0,
+             fusion_wd=1e-5, decoder_lr=1e-3, decoder_wd=1e-4, epochs=300, cosine=False, schedule=[150, 225],
+             image_size=None)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def _ffsd_model(nc=10, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ffsd.FFSD(_ffsd_args(**kw), nc)
+
+
+def _ffsd_batch(B=4, nc=10):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 16, 16, generator=g), torch.arange(B) % nc  # the decoders keep ratios: 16x16 works
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# plain-Python references (lists, no torch losses)
+# ------------------------------------------------------------------------------------------------
+
+def _ffsd_unit(v):
+    n = math.sqrt(sum(a * a for a in v))
+    return [a / n for a in v]
+
+
+def _ffsd_hand_at(xs, ys):
+    """mean over samples and elements of (x/|x| - y/|y|)^2; xs, ys: lists of flat rows."""
+    tot, cnt = 0.0, 0
+    for x, y in zip(xs, ys):
+        for a, b in zip(_ffsd_unit(x), _ffsd_unit(y)):
+            tot += (a - b) ** 2
+            cnt += 1
+    return tot / cnt
+
+
+def _ffsd_hand_attention(f):
+    """f: (B, C, H, W) tensor -> list of rows: per position, the mean over channels of the squares."""
+    rows = []
+    for sample in f.tolist():
+        flat = [sum(row, []) for row in sample]  # C lists of H*W
+        rows.append([sum(c[p] ** 2 for c in flat) / len(flat) for p in range(len(flat[0]))])
+    return rows
+
+
+def _ffsd_hand_shift(a):
+    """The official shift of one flat attention row: u = a/|a|, t = k-th smallest u, k = len/3."""
+    n = math.sqrt(sum(v * v for v in a))
+    u = [v / n for v in a]
+    t = sorted(u)[max(1, len(u) // 3) - 1]
+    return [uu if uu < t else n / 2 if uu == t else n - uu for uu in u], u, n
+
+
+# ------------------------------------------------------------------------------------------------
+# the diversity target and the attention shift
+# ------------------------------------------------------------------------------------------------
+
+def test_ffsd_shifted_attention_matches_a_hand_computation():
+    a = torch.tensor([[1.0, 4.0, 2.0, 0.5, 3.0, 2.5], [3.0, 1.0, 2.0, 6.0, 5.0, 4.0]]).view(2, 1, 2, 3)
+    target, u, n = ffsd.shifted_attention(a)
+    n1, n2 = math.sqrt(36.5), math.sqrt(91.0)
+    # HW = 6: the threshold is the 2nd smallest; below it u stays, at it n/2, above it n - u
+    want = [[n1 / 2, n1 - 4 / n1, n1 - 2 / n1, 0.5 / n1, n1 - 3 / n1, n1 - 2.5 / n1],
+            [n2 - 3 / n2, 1 / n2, n2 / 2, n2 - 6 / n2, n2 - 5 / n2, n2 - 4 / n2]]
+    assert torch.allclose(target, torch.tensor(want), atol=1e-6)
+    assert torch.allclose(n.view(-1), torch.tensor([n1, n2]))
+    assert torch.allclose(u, a.view(2, 6) / torch.tensor([[n1], [n2]]))
+    assert target.flatten().tolist() == pytest.approx(sum((_ffsd_hand_shift(r)[0] for r in a.view(2, 6).tolist()), []),
+                                                  rel=1e-5, abs=1e-6)
+
+
+def test_ffsd_shifted_attention_uses_at_least_one_position_on_tiny_maps():
+    a = torch.tensor([[2.0, 1.0]]).view(1, 1, 1, 2)  # HW // 3 = 0: the official topk(0) would fail
+    target, _, _ = ffsd.shifted_attention(a)
+    n = math.sqrt(5.0)
+    assert torch.allclose(target, torch.tensor([[n - 2 / n, n / 2]]))
+
+
+def test_ffsd_shift_features_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(2, 3, 2, 3, generator=g) * 2
+    out = ffsd.shift_features(f)
+    assert out.shape == f.shape
+    for b, a in enumerate(_ffsd_hand_attention(f)):
+        target, u, n = _ffsd_hand_shift(a)
+        for c in range(3):
+            flat = sum(f[b, c].tolist(), [])
+            want = [v + (t - uu) * n / 3 for v, t, uu in zip(flat, target, u)]  # one shift per position, every channel
+            assert sum(out[b, c].tolist(), []) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    f.requires_grad_()
+    assert not ffsd.shift_features(f).requires_grad  # a target: detached
+
+
+def test_ffsd_diversity_loss_matches_a_hand_computation_and_trains_only_the_current_student():
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 1, 3, 3, generator=g).requires_grad_()
+    a_prev = torch.rand(2, 1, 3, 3, generator=g).requires_grad_()
+    loss = ffsd.diversity_loss(a, a_prev)
+    tot = 0.0
+    for x, y in zip(a.view(2, 9).tolist(), a_prev.view(2, 9).tolist()):
+        tot += sum((p - q) ** 2 for p, q in zip(_ffsd_unit(x), _ffsd_hand_shift(y)[0]))
+    assert loss.item() == pytest.approx(tot / 18, rel=1e-5)
+    loss.backward()
+    assert a.grad.abs().sum() > 0 and a_prev.grad is None  # the previous student's attention is a target
+
+
+# ------------------------------------------------------------------------------------------------
+# the losses on fixed tensors
+# ------------------------------------------------------------------------------------------------
+
+def test_ffsd_at_sd_and_decoder_losses_match_hand_computations():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 3, 2, 2, generator=g)
+    rows = lambda t: t.flatten(1).tolist()
+    assert ffsd.at_loss(x, y).item() == pytest.approx(_ffsd_hand_at(rows(x), rows(y)), rel=1e-5)
+    a = ffsd.attention(x)
+    assert a.shape == (2, 1, 2, 2) and a.flatten().tolist() == pytest.approx(sum(_ffsd_hand_attention(x), []), rel=1e-6)
+    maps = [torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 4, 1, 1)]
+    targets = [torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 2, generator=g)]
+    sd = sum(_ffsd_hand_at(_ffsd_hand_attention(m), _ffsd_hand_attention(t)) for m, t in zip(maps, targets))
+    assert ffsd.sd_loss(maps, targets).item() == pytest.approx(sd, rel=1e-5)
+    rec = sum(_ffsd_hand_at(rows(d), rows(m)) + _ffsd_hand_at(_ffsd_hand_attention(d), _ffsd_hand_attention(m))
+              for d, m in zip(targets, maps))
+    assert ffsd.decoder_loss(targets, maps).item() == pytest.approx(rec, rel=1e-5)
+
+
+_Z1 = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+_Z2 = torch.tensor([[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]])
+_Z3 = torch.tensor([[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]])
+_Y = torch.tensor([1, 2])
+
+
+def _ffsd_maps(g, B=2):
+    return [torch.rand(B, 2, 4, 4, generator=g), torch.rand(B, 3, 2, 2, generator=g), torch.rand(B, 4, 1, 3)]
+
+
+def test_ffsd_student_fusion_and_leader_losses_match_hand_computations():
+    g = torch.Generator().manual_seed(6)
+    T, l_div, l_fus = 2.0, 0.3, 7.0
+    maps = [_ffsd_maps(g), _ffsd_maps(g)]
+    sd_targets = [[torch.rand(2, 2, 4, 4, generator=g), torch.rand(2, 3, 2, 2, generator=g)]]
+    t = ffsd.student_loss([_Z1, _Z2], maps, sd_targets, _Y, T, l_div)
+    z1, z2, y = _Z1.tolist(), _Z2.tolist(), _Y.tolist()
+    assert t["ce"].item() == pytest.approx(_hand_ce(z1, y) + _hand_ce(z2, y), rel=1e-5)
+    assert t["kd"].item() == pytest.approx(_hand_kd(z1, z2, T) + _hand_kd(z2, z1, T), rel=1e-5)  # / (M-1) = 1
+    div = 0.0
+    for x, p in zip(_ffsd_hand_attention(maps[1][-1]), _ffsd_hand_attention(maps[0][-1])):
+        div += sum((a - b) ** 2 for a, b in zip(_ffsd_unit(x), _ffsd_hand_shift(p)[0])) / (len(x) * 2)
+    assert t["div"].item() == pytest.approx(l_div * div, rel=1e-5)  # student 2 against student 1 only
+    sd = sum(_ffsd_hand_at(_ffsd_hand_attention(m), _ffsd_hand_attention(s)) for m, s in zip(maps[1], sd_targets[0]))
+    assert t["sd"].item() == pytest.approx(l_div * sd, rel=1e-5)  # weighted by l_div (official)
+
+    f = ffsd.fusion_loss(_Z3, [_Z1, _Z2], _Y, T)
+    ens = ((_Z1 + _Z2) / 2).tolist()
+    assert f["ce_f"].item() == pytest.approx(_hand_ce(_Z3.tolist(), y), rel=1e-5)
+    assert f["fusion"].item() == pytest.approx(_hand_kd(_Z3.tolist(), ens, T), rel=1e-5)
+
+    maps_l = _ffsd_maps(g)
+    tf, f_f, cat = torch.rand(2, 8, 1, 3, generator=g), torch.rand(2, 4, 1, 3, generator=g), torch.rand(2, 8, 1, 3)
+    sd_l = [torch.rand(2, 2, 4, 4, generator=g), torch.rand(2, 3, 2, 2, generator=g)]
+    zl = _Z1.flip(1)
+    t = ffsd.leader_loss(zl, maps_l, tf, _Z3, f_f, cat, sd_l, _Y, T, l_fus)
+    assert t["ce_l"].item() == pytest.approx(_hand_ce(zl.tolist(), y), rel=1e-5)
+    assert t["kd_l"].item() == pytest.approx(_hand_kd(zl.tolist(), _Z3.tolist(), T), rel=1e-5)
+    assert t["fuse_l"].item() == pytest.approx(
+        l_fus * _ffsd_hand_at(_ffsd_hand_attention(maps_l[-1]), _ffsd_hand_attention(f_f)), rel=1e-5)
+    assert t["trans_l"].item() == pytest.approx(l_fus * _ffsd_hand_at(_ffsd_hand_attention(tf), _ffsd_hand_attention(cat)), rel=1e-5)
+    sd = sum(_ffsd_hand_at(_ffsd_hand_attention(m), _ffsd_hand_attention(s)) for m, s in zip(maps_l, sd_l))
+    assert t["sd_l"].item() == pytest.approx(l_fus * sd, rel=1e-5)
+
+
+def test_ffsd_mutual_kd_sends_no_gradient_into_the_target_student():
+    # on leaf logits: KD(z_1 <- z_2) + KD(z_2 <- z_1) gives z_i exactly T (p_i^T - p_j^T) / B, the gradient
+    # with the other student a constant (no extra gradient from being the other's target)
+    g = torch.Generator().manual_seed(7)
+    logits = [_Z1.clone().requires_grad_(), _Z2.clone().requires_grad_()]
+    T = 2.0
+    ffsd.student_loss(logits, [_ffsd_maps(g), _ffsd_maps(g)], [[m for m in _ffsd_maps(g)[:2]]], _Y, T, 0.0)["kd"].backward()
+    for z, other in ((logits[0], _Z2), (logits[1], _Z1)):
+        want = T * ((z.detach() / T).softmax(1) - (other / T).softmax(1)) / 2
+        assert torch.allclose(z.grad, want, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model: which modules each term trains, the joint step against the official separate steps
+# ------------------------------------------------------------------------------------------------
+
+def _ffsd_parts(m):
+    return {"student1": m.students[0], "student2": m.students[1], "leader": m.leader, "fusion": m.fusion,
+            "trans_fusion": m.trans_fusion, "decoder2": m.decoders[0], "decoder_l": m.decoders[1]}
+
+
+def _ffsd_trained(m):
+    return {k for k, mod in _ffsd_parts(m).items() if any(p.grad is not None and p.grad.abs().sum() > 0
+                                                     for p in mod.parameters())}
+
+
+TRAINS = {"ce": {"student1", "student2"}, "kd": {"student1", "student2"}, "div": {"student2"}, "sd": {"student2"},
+          "ce_f": {"fusion"}, "fusion": {"fusion"}, "ce_l": {"leader"}, "kd_l": {"leader"}, "fuse_l": {"leader"},
+          "trans_l": {"leader", "trans_fusion"}, "sd_l": {"leader"}, "dec": {"decoder2", "decoder_l"}}
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_ffsd_each_term_trains_exactly_its_modules(term):
+    m = _ffsd_model()
+    x, y = _ffsd_batch()
+    loss, terms = m(x, y, None, 10)
+    assert list(terms) == TERMS
+    assert torch.allclose(loss, sum(terms.values()))
+    terms[term].backward()
+    assert _ffsd_trained(m) == TRAINS[term]
+    if term in ("div", "sd"):  # student 2's own maps: its classifier gets nothing
+        assert m.students[1].fc.weight.grad is None or not m.students[1].fc.weight.grad.any()
+    if term == "sd":  # the decoder's targets reach stage 1 and 2 (the shallow maps), not the last stage
+        assert m.students[1].stages[1][0].body[0][0].weight.grad.abs().sum() > 0
+        last = m.students[1].stages[-1][0].body[0][0].weight.grad
+        assert last is None or not last.any()
+
+
+def test_ffsd_joint_backward_equals_the_official_separate_backward_passes():
+    """Official: one backward per group (students, fusion, leader, decoders), each into its own optimizer.
+    Each group's loss reaches only its own parameters, so the joint backward gives every parameter the
+    gradient of its own group. (Within the students, each student's loss reaches only that student: the
+    per-term test above and the mutual-KD test on leaf logits.)"""
+    m = _ffsd_model()
+    x, y = _ffsd_batch()
+    state = copy.deepcopy(m.state_dict())  # every forward starts from the same BN statistics
+    groups = {"students": (["ce", "kd", "div", "sd"], [m.students]), "fusion": (["ce_f", "fusion"], [m.fusion]),
+              "leader": (["ce_l", "kd_l", "fuse_l", "trans_l", "sd_l"], [m.leader, m.trans_fusion]),
+              "decoders": (["dec"], [m.decoders])}
+    assert sorted(k for ks, _ in groups.values() for k in ks) == sorted(TERMS)
+
+    def grads():
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
+
+    loss, _ = m(x, y, None, 10)
+    loss.backward()
+    joint = grads()
+    for name, (keys, owners) in groups.items():
+        m.zero_grad(set_to_none=True)
+        m.load_state_dict(state)
+        _, t = m(x, y, None, 10)
+        sum(t[k] for k in keys).backward()
+        mine = {id(p) for mod in owners for p in mod.parameters()}
+        for n, p in m.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if id(p) in mine:
+                assert torch.allclose(g, joint[n], rtol=1e-4, atol=1e-9), n
+            else:
+                assert not g.any(), f"{name}'s loss reaches {n}"
+    assert all(g.any() for g in joint.values())  # every parameter is trained by something (DDP needs it)
+
+
+def test_ffsd_warmup_scales_the_three_lambdas_from_epoch_one():
+    m = _ffsd_model()
+    x, y = _ffsd_batch()
+    state = copy.deepcopy(m.state_dict())
+
+    def terms(epoch, warmup=5):
+        m.load_state_dict(state)
+        m.warmup = warmup
+        return m(x, y, None, epoch)[1]
+
+    t0, t4, t9, off = terms(0), terms(4), terms(9), terms(0, warmup=0)
+    for k in TERMS:
+        if k in WARMED:  # official e = 1 for the loop's epoch index 0: exp(-5 (1 - 1/5)^2) = exp(-3.2)
+            assert (t0[k] / t4[k]).item() == pytest.approx(math.exp(-3.2), rel=1e-4), k
+            assert (terms(2)[k] / t4[k]).item() == pytest.approx(math.exp(-5 * 0.4 ** 2), rel=1e-4), k
+        else:
+            assert t0[k].item() == pytest.approx(t4[k].item(), rel=1e-6), k
+        assert t9[k].item() == pytest.approx(t4[k].item(), rel=1e-6) == pytest.approx(off[k].item(), rel=1e-6)
+
+
+def test_ffsd_decoder_targets_come_from_eval_mode_before_the_training_pass():
+    m = _ffsd_model()
+    x, y = _ffsd_batch()
+    with torch.no_grad():
+        m.decoders[0][0][1].running_mean.fill_(0.5)  # a BN state that eval mode would use
+        m.decoders[1][0][1].running_mean.fill_(0.5)
+    calls = []
+    hook = lambda mod, inp, out: calls.append(mod.training)
+    h = m.decoders[0][0][1].register_forward_hook(hook)
+    m(x, y, None, 10)
+    h.remove()
+    assert calls == [False, True]  # the target pass first, in eval mode; then the training pass
+    assert m.decoders.training  # left in training mode
+    assert not torch.allclose(m.decoders[0][0][1].running_mean, torch.full_like(m.decoders[0][0][1].running_mean, 0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes, backbones, optimizers
+# ------------------------------------------------------------------------------------------------
+
+def test_ffsd_param_counts_resnet32_cifar100():
+    m = _ffsd_model(nc=100, arch="resnet32")
+    # fusion: depthwise 3x3 on 128 (1152) + BN (256) + 1x1 128->64 (8192) + BN (128) + FC 64*100+100 (6500)
+    assert common.count_params(m.fusion) == 1152 + 256 + 8192 + 128 + 6500 == 16228
+    # trans-fusion: depthwise 3x3 on 64 (576) + BN (128) + 1x1 64->128 (8192) + BN (256)
+    assert common.count_params(m.trans_fusion) == 576 + 128 + 8192 + 256 == 9152
+    # decoder: ConvT 64->32 3x3 (18432) + BN (64) + ConvT 32->16 (4608) + BN (32)
+    assert [common.count_params(d) for d in m.decoders] == [18432 + 64 + 4608 + 32] * 2 == [23136, 23136]
+    assert common.count_params(m.leader) == 472756
+    hp = m.head_params()
+    assert hp == {"student1": 472756, "student2": 472756, "fused": 2 * (472756 - 6500) + 16228, "leader": 472756,
+                  "ensemble": 2 * 472756}
+    convs = [c for c in m.decoders[0].modules() if isinstance(c, torch.nn.ConvTranspose2d)]
+    assert [(c.stride, c.output_padding) for c in convs] == [((2, 2), (1, 1))] * 2
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "vgg8", "densenet40_12", "mobilenetv2", "resnet8x4"])
+def test_ffsd_decoders_rebuild_every_shallow_map_of_other_backbones(arch):
+    m = _ffsd_model(arch=arch, students=3)
+    assert len(m.decoders) == 3 and m.fusion.fc.in_features == m.leader.fc.in_features
+    with torch.no_grad():
+        _, maps = ffsd.stage_maps(m.leader.eval(), torch.randn(2, 3, 32, 32))
+        outs = ffsd.decode(m.decoders[0].eval(), maps[-1])
+        assert [o.shape for o in outs] == [f.shape for f in maps[:-1]]
+        assert m.trans_fusion(maps[-1]).shape[1] == 3 * maps[-1].shape[1]
+
+
+def test_ffsd_a_stage_that_shrinks_more_than_twice_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="keep or halve the resolution"):
+        ffsd.make_decoder([(16, 32), (32, 8)])
+
+
+def test_ffsd_param_groups_leave_the_decoders_to_adam():
+    m = _ffsd_model(fusion_wd=2e-5)
+    groups = m.param_groups(3e-4)
+    assert [g["weight_decay"] for g in groups] == [3e-4, 2e-5]
+    sgd = {id(p) for g in groups for p in g["params"]}
+    dec = {id(p) for p in m.decoders.parameters()}
+    assert not sgd & dec and sgd | dec == {id(p) for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in m.fusion.parameters()}
+    adam = m.extra_optimizer()
+    assert isinstance(adam, torch.optim.Adam)
+    assert {id(p) for g in adam.param_groups for p in g["params"]} == dec
+    assert adam.param_groups[0]["lr"] == 1e-3 and adam.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_ffsd_one_step_moves_the_decoders_by_adam_not_sgd():
+    m = _ffsd_model(decoder_wd=0.0, fusion_wd=0.0)  # no decay: a step is the gradient's alone
+    x, y = _ffsd_batch()
+    sgd = torch.optim.SGD(m.param_groups(0.0), lr=0.1, momentum=0.9)
+    adam = m.extra_optimizer()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    common.train_step(m, m, [sgd, adam], x, y, None, 10, False)
+    for n, p in m.named_parameters():
+        d = (p.detach() - before[n]).abs()
+        g = p.grad.abs()
+        if n.startswith("decoders."):  # Adam's first step: lr * g / (|g| + eps), |step| = lr wherever g >> eps
+            big = g > 1e-6
+            assert big.any() and torch.allclose(d[big], torch.full_like(d[big], 1e-3), rtol=1e-2)
+        else:  # SGD: lr * g
+            assert torch.allclose(d, 0.1 * g, rtol=1e-3, atol=1e-6), n
+    assert len(adam.state) == len(list(m.decoders.parameters()))
+    assert all(p not in sgd.state or not sgd.state[p] for p in m.decoders.parameters())
+
+
+def test_ffsd_decoder_lr_follows_the_sgd_schedule():
+    m = _ffsd_model(schedule=[2, 4], epochs=6)
+    adam = m.extra_optimizer()
+    got = []
+    for e in range(6):
+        m.on_epoch(e, None)
+        got.append(adam.param_groups[0]["lr"])
+    assert got == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    m = _ffsd_model(epochs=4, cosine=True)
+    adam = m.extra_optimizer()
+    m.on_epoch(2, None)
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end
+# ------------------------------------------------------------------------------------------------
+
+def test_ffsd_end_to_end(data, tmp_path):
+    out = tmp_path / "r"
+    run_main("ffsd", *TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 2, "--schedule", 1, "--out", out,
+             "--wd", "3e-4", "--fusion-wd", "2e-5")
+    fin = read_final(out)
+    assert set(fin["last"]) == {"student1", "student2", "fused", "leader", "ensemble"}
+    assert fin["deploy"] == "leader"
+    m = _ffsd_model(nc=100)
+    assert fin["params"] == m.head_params()
+    assert fin["params"]["leader"] == common.count_params(common.build_model("resnet8", 100))
+    assert fin["args"]["warmup"] == 1  # 5 of 300 epochs, scaled to 2 epochs: at least 1
+    log = read_log(out)
+    assert len(log) == 2
+    for r in log:  # the logged terms add up to the loss
+        assert float(r["loss"]) == pytest.approx(sum(float(r[k]) for k in TERMS), rel=1e-4)
+    ck = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert [g["weight_decay"] for g in ck["opt"]["param_groups"]] == [3e-4, 2e-5]
+    n_sgd = sum(len(g["params"]) for g in ck["opt"]["param_groups"])
+    n_dec = len(list(m.decoders.parameters()))
+    assert n_sgd == len(list(m.parameters())) - n_dec
+    adam = ck["opt_extra"]
+    assert len(adam["state"]) == n_dec and all("exp_avg_sq" in s for s in adam["state"].values())
+    assert adam["param_groups"][0]["lr"] == pytest.approx(1e-4)  # x0.1 at the milestone, like SGD
+    assert adam["param_groups"][0]["weight_decay"] == 1e-4
+
+
+def test_ffsd_resume_reproduces_an_uninterrupted_run(data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 2, "--schedule", 1]
+    run_main("ffsd", *args, "--out", a)
+    # the interrupted run in its own processes: common.py locks a run folder for a process's whole life
+    r = run_cli("ffsd", *args, "--out", b, "--halt-after", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    r = run_cli("ffsd", *args, "--out", b, "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    ca, cb = (common.load_checkpoint(os.path.join(o, "checkpoint.pt")) for o in (a, b))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    sa, sb = ca["opt_extra"]["state"], cb["opt_extra"]["state"]  # the decoders' Adam moments too
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+    assert read_final(a)["last"] == read_final(b)["last"]
+
+
+@pytest.mark.parametrize("bad,msg", [(["--students", "1"], "--students must be at least 2"),
+                                     (["--arch", "resnet8,resnet14"], "give a single --arch"),
+                                     (["--lambda-div", "-1"], "the lambdas and the weight decays non-negative"),
+                                     (["--decoder-lr", "0"], "--decoder-lr must be positive")])
+def test_ffsd_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main("ffsd", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,150 @@
+"""OKDDip: Online Knowledge Distillation with Diverse Peers (Defang Chen, Jian-Ping Mei, Can Wang, Yan Feng,
+Chun Chen; AAAI 2020). https://arxiv.org/abs/1912.00350
+
+Idea: one network whose low stages are shared and whose last stage is copied into m auxiliary peers
+and one group leader. Two levels of distillation: (1) each peer learns from its own target, a
+weighted sum of the peers' logits whose weights come from an attention over the peers' pooled
+features, so every peer is taught by a different mix of the group and the peers stay diverse;
+(2) the leader learns from the plain mean of the peers. At test time the leader alone is deployed
+and costs what the plain backbone costs.
+
+Loss:  sum_a CE(z_a, y) + CE(z_l, y) + w(e) [sum_a T^2 KL(p^T(t_a) || p^T_a) + T^2 KL(p^T(mean_a z_a) || p^T_l)],
+       t_a = sum_b alpha_ab sg(z_b),  alpha_ab = softmax_b(W_q sg(h_a) . W_k sg(h_b)),  h = pooled peer feature,
+       sg = stop-gradient (alpha keeps the graph of W_q, W_k); mean_a z_a detached; l = the leader.
+
+Gradient flow, which term trains which module (the official code detaches nothing):
+  - CE(z_a, y): peer a and the trunk. CE(z_l, y): the leader and the trunk.
+  - KL(t_a || z_a): peer a (the student) and the trunk through z_a, and the projections W_q, W_k
+    through alpha. NOT the other peers: their logits and the features the projections read are
+    detached inside the target. The official code detaches nothing (train_GL.py line 101,
+    resnet_GL.py lines 224-240), so there this KL also pulls every other peer's logits towards z_a
+    and moves every peer's last stage and the trunk through the queries and keys. Here a target never
+    trains the peers it is built from (the rule of every kd() in this project); the attention still
+    learns, through W_q and W_k only. A consequence shared with the official code: the KL is zero when
+    alpha_aa = 1 (t_a = z_a), so the gradient on W_q, W_k pulls each peer's attention towards itself.
+  - KD(z_l <- mean_b z_b): the leader (and the trunk through z_l), never the peers: kd() detaches the
+    mean. The official code does not detach it (train_GL.py line 104), so there the leader's KD also
+    pulls the peers towards the leader.
+
+Deviations from the paper and the official code (DefangChen/OKDDip), and choices:
+  - Targets aggregate logits, as the official code (resnet_GL.py line 240: x_m = bmm(logits, alpha^T));
+    the paper writes the aggregation over softened predictions (METHODS.md section 10).
+  - Projections: query and key Linear(C, C // 8, bias=False) shared by the peers (official factor 8,
+    resnet_GL.py lines 144-145: Linear(64, 8) for resnet32, Linear(256, 32) for resnet110b), on the
+    pooled features; no 1/sqrt(d) scaling (resnet_GL.py lines 238-239). PyTorch's default Linear
+    initialisation, as the official code: its init loop touches Conv2d and BatchNorm2d only
+    (resnet_GL.py lines 147-152). The leader has no projections. Attention in fp32 under autocast.
+  - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch index e (--rampup 80, 0 turns it off), the
+    official ramp (train_GL.py lines 308-312 and 372-379, --start_consistency 0); it weights both KD
+    levels (official --alpha 1.0). T = 3 (official --temperature 3.0).
+  - The official KL adds 1e-7 to the target probabilities (utils.py line 175); kd() here does not.
+  - Recipe: the CIFAR protocol, which is the official one, except that the official scheduler is
+    stepped at the start of each epoch (train_GL.py line 302), so its drops land at 149/224.
+    The official code keeps the best leader epoch on the test set; the last epoch is reported here.
+  - The branch point is the last stage for every --arch (common.split_model at=-1); the official
+    "resnet110" is resnet110b here (Bottleneck [12,12,12]).
+  - The logged "kd" (sum_a KL(t_a || z_a)) and "kd_l" (the leader's KD) are the ramped terms, so that
+    loss = ce + ce_l + kd + kd_l ("kd_l", not "leader": a term must not share a head's name in log.csv).
+
+Heads: every peer ("peer1" ... "peerm": trunk + peer), "leader" (trunk + the leader branch;
+deployable, the backbone's size) and "ensemble" = mean of the peers' logits, the leader's target
+(the official "test_accTop1"; trunk + every peer).
+
+    python okddip.py --arch resnet32 --dataset cifar100 --gpus 0
+    python okddip.py --arch resnet110b --dataset cifar100 --gpus 0      # OKDDip's "ResNet-110"
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def kd(student, teacher, T):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean.
+    The teacher is detached here: a KD term never trains its target."""
+    return F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher.detach() / T, 1),
+                    reduction="batchmean") * T * T
+
+
+def attention(q, k):
+    """alpha_ab = softmax over b of q_a . k_b: how much peer a listens to peer b, itself included; no
+    1/sqrt(d) scaling (official). q, k: (B, m, d) -> (B, m, m), every row sums to 1."""
+    return (q @ k.transpose(1, 2)).softmax(-1)
+
+
+def peer_targets(logits, alpha):
+    """t_a = sum_b alpha_ab z_b, peer a's target. logits: m x (B, C); alpha: (B, m, m) -> (B, m, C).
+    The peer logits are detached: a target never trains the peers it is made of; alpha keeps its graph."""
+    return alpha @ torch.stack(logits, 1).detach()
+
+
+def okddip_loss(logits, leader, alpha, y, T, w):
+    """sum_a CE(z_a, y) + CE(z_l, y) + w * [sum_a T^2 KL(t_a || z_a) + KD(z_l <- mean_b z_b)].
+    t_a keeps alpha's graph (the KL trains W_q, W_k) but not the peers'; the mean is detached by kd().
+    Returns (total, {term: value}) with kd and kd_l already multiplied by w."""
+    t = peer_targets(logits, alpha)
+    ce = sum(F.cross_entropy(z, y) for z in logits)
+    ce_l = F.cross_entropy(leader, y)
+    kl = w * sum(F.kl_div(F.log_softmax(z / T, 1), F.softmax(t[:, a] / T, 1), reduction="batchmean") * T * T
+                 for a, z in enumerate(logits))  # not kd(): its detach would stop the attention's gradient
+    kl_l = w * kd(leader, torch.stack(logits).mean(0), T)
+    return ce + ce_l + kl + kl_l, {"ce": ce, "ce_l": ce_l, "kd": kl, "kd_l": kl_l}
+
+
+class OKDDip(nn.Module):
+    def __init__(self, args, num_classes):
+        super().__init__()
+        m = args.peers
+        self.trunk, branches = common.split_model(args.arch, num_classes, -1, m + 1)  # m peers + the leader
+        self.peers, self.leader = branches[:m], branches[m]
+        c = self.leader.fc.in_features  # C: width of a branch's pooled feature
+        self.query = nn.Linear(c, c // 8, bias=False)  # shared by the peers; PyTorch's init (official)
+        self.key = nn.Linear(c, c // 8, bias=False)
+        self.T, self.rampup = args.T, args.rampup
+        self.deploy = "leader"
+
+    def attention_weights(self, feats):
+        """alpha from the peers' pooled features, read detached: the attention trains W_q, W_k only."""
+        f = torch.stack(feats, 1).detach()  # (B, m, C)
+        return attention(self.query(f).float(), self.key(f).float())
+
+    def forward(self, x, y, idx, epoch):
+        h = self.trunk(x)
+        outs = [p(h, features=True) for p in self.peers]  # (logits, pooled feature, feature map) each
+        logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
+        alpha = self.attention_weights([f for _, f, _ in outs])
+        return okddip_loss(logits, self.leader(h).float(), alpha, y, self.T, common.ramp_up(epoch, self.rampup))
+
+    def heads(self, x):
+        h = self.trunk(x)
+        logits = [p(h).float() for p in self.peers]
+        heads = {f"peer{a + 1}": z for a, z in enumerate(logits)}
+        heads["leader"] = self.leader(h).float()
+        heads["ensemble"] = torch.stack(logits).mean(0)
+        return heads
+
+    def head_params(self):
+        t = common.count_params(self.trunk)
+        n = {f"peer{a + 1}": t + common.count_params(p) for a, p in enumerate(self.peers)}
+        # the projections only build training targets: no head needs them
+        return {**n, "leader": t + common.count_params(self.leader), "ensemble": t + common.count_params(self.peers)}
+
+
+def main():
+    p = common.parser(__doc__)
+    common.add_arg(p, "--peers", type=int, default=3, help="auxiliary peers m (the leader is one more)")
+    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of both KD weights; 0: none")
+    args = common.parse(p, "okddip")
+    if "," in args.arch:
+        p.error("okddip.py builds one multi-branch network: give a single --arch")
+    if args.peers < 2:
+        p.error("--peers must be at least 2")
+    if args.T <= 0 or args.rampup < 0:
+        p.error("--T must be positive and --rampup non-negative")
+    common.run(args, OKDDip)
+
+
+if __name__ == "__main__":
+    main()
