@@ -918,6 +918,13 @@ class Interrupt:
         print(f"\ninterrupted: stopping after this step ({kept}); Ctrl-C again stops at once", flush=True)
 
 
+def _ignore_sigint():
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -974,6 +981,7 @@ def run(args, Method):
         else:
             _worker(0, 1, args, Method, out, data)
     except KeyboardInterrupt:
+        _ignore_sigint()
         ckpt = os.path.join(out, "checkpoint.pt")
         print(f"\nstopped at once (second Ctrl-C); "
               + (f"{ckpt} is intact: --resume continues from it" if os.path.isfile(ckpt) else
@@ -1213,6 +1221,7 @@ def _train(rank, world, args, Method, out, data, device):
             kept = (f"the checkpoint of epoch {epoch} is kept in {out}: --resume continues from it" if epoch else
                     f"no epoch was complete, so there is no checkpoint: --resume starts the run over in {out}")
             print(f"stopped in epoch {epoch + 1}; {kept}")
+            _ignore_sigint()  # on the way out: another Ctrl-C must not turn the exit into a traceback
             sys.exit(130)
         if first_bad.item() >= 0:
             bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
@@ -1516,7 +1525,7 @@ def summarize(root, as_csv=False, plot=True):
     done, running = _read_runs(root)
 
     def settings(r):
-        a = {**r.get("args", {}), **{k: r[k] for k in ("method", "arch", "dataset", "epochs") if k in r}}
+        a = r.get("args", r)  # final.json keeps the arguments under "args"; run.json is the arguments
         return {k: v for k, v in a.items() if k not in NOT_SETTINGS}
 
     groups = {}

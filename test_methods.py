@@ -231,6 +231,120 @@ def test_ramp_up_values():
 
 
 # ------------------------------------------------------------------------------------------------
+# lengths that scale with --epochs; initialisation
+# ------------------------------------------------------------------------------------------------
+
+def _parse_script(monkeypatch, script, *argv):
+    """The args a method script would run with (its own options included), without running it."""
+    mod = importlib.import_module(script)
+    monkeypatch.setattr(common, "run", lambda args, Method: setattr(_parse_script, "args", args))
+    monkeypatch.setattr(sys, "argv", [script + ".py", *map(str, argv)])
+    mod.main()
+    return _parse_script.args
+
+
+def test_schedule_and_rampups_scale_with_epochs_unless_given(monkeypatch):
+    a = _parse_script(monkeypatch, "one")  # the protocol's own length: nothing changes
+    assert (a.epochs, a.schedule, a.rampup, a.scaled) == (300, [150, 225], 80, [])
+    a = _parse_script(monkeypatch, "one", "--epochs", 10)  # 150/300, 225/300 and 80/300 of 10 epochs
+    assert (a.schedule, a.rampup, a.scaled) == ([5, 8], 3, ["schedule", "rampup"])
+    a = _parse_script(monkeypatch, "one", "--epochs", 2)  # the ramp-up lasts at least one epoch
+    assert (a.schedule, a.rampup) == ([1], 1)
+    a = _parse_script(monkeypatch, "pcl", "--epochs", 10, "--schedule", 7, "--rampup", 0)  # given: they win
+    assert (a.schedule, a.rampup, a.scaled) == ([7], 0, [])
+    a = _parse_script(monkeypatch, "ffl", "--dataset", "imagenet", "--epochs", 45, "--bench", 1)
+    assert (a.schedule, a.rampup) == ([15, 30, 40], 40)  # imagenet: fractions of its 90-epoch protocol
+
+
+def test_pcl_ema_horizon_keeps_its_fraction_of_training(monkeypatch):
+    def decay(*argv, n):
+        args = _parse_script(monkeypatch, "pcl", "--arch", "resnet8", *argv)
+        model = pcl.PCL(args, 10)
+        model.on_data(torch.zeros(n, dtype=torch.long))
+        return model.decay, getattr(model, "resolved", {})
+    d, resolved = decay(n=50_000)  # the protocol's run: the paper's 0.999
+    assert d == pytest.approx(0.999) and resolved == {"ema_decay": 0.999}
+    d, _ = decay("--epochs", 10, n=20_000)  # 10 x 157 steps = 1.34% of 117,300: a 13.4-step horizon
+    assert d == pytest.approx(1 - 1 / (1000 * 10 * 157 / 117_300))
+    d, resolved = decay("--epochs", 10, "--ema-decay", 0.99, n=20_000)  # given: it wins
+    assert d == 0.99 and resolved == {}
+
+
+def test_first_log_line_run_json_and_final_json_state_the_schedule(data, tmp_path, capsys):
+    out = tmp_path / "p"
+    run_main("pcl", *TINY, "--data-dir", data, "--epochs", 2, "--out", out)
+    log = capsys.readouterr().out
+    assert "schedule: 2 epochs, lr 0.05 x0.1 at epochs 1, --rampup 1, ema_decay 0.0 " \
+           "(scaled to --epochs: schedule, rampup, ema_decay)" in log
+    assert "\r" not in log  # not a terminal: no progress line, only the epoch rows
+    started, fin = json.loads((out / "run.json").read_text()), read_final(out)
+    for d in (started, fin["args"]):
+        assert d["schedule"] == [1] and d["rampup"] == 1 and d["scaled"] == ["schedule", "rampup"]
+    assert started["resolved"] == fin["resolved"] == {"ema_decay": 0.0}
+
+
+def test_progress_line_counts_steps_rate_and_time_left(monkeypatch, capsys):
+    clock = iter([100.0, 101.0, 101.2, 102.0])
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    p = common.Progress(steps=10, batch_size=64)
+    p.step(0, 5, 1)  # starts the clock
+    p.step(0, 5, 3)  # 2 steps of 64 in 1 s
+    p.step(0, 5, 4)  # within 0.5 s of the last line: not printed
+    p.step(0, 5, 5)
+    p.clear()
+    out = capsys.readouterr().out
+    assert "\r  epoch 1/5: step 3/10, 128 img/s, 4 s left " in out   # 7 steps x 64 / 128 img/s
+    assert "step 4/10" not in out and "step 5/10, 128 img/s, 2 s left" in out and out.endswith("\r\033[K")
+
+
+def test_eval_every_tests_some_epochs_and_always_the_last(data, tmp_path, capsys):
+    out = tmp_path / "e"
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 3, "--schedule", "--eval-every", 2, "--out", out)
+    rows = read_log(out)
+    assert [r["net"] != "" for r in rows] == [False, True, True]
+    fin = read_final(out)
+    assert fin["last"]["net"] == float(rows[-1]["net"]) and fin["best"]["net"][1] in (2, 3)
+    assert 0 <= fin["train_last"]["net"] <= 100  # top-1 on the (un-augmented) training images
+
+
+CONV_FAMILIES = ["resnet8", "resnet110b", "wrn_16_2", "wrn_20_8", "vgg8", "densenet40_12", "mobilenetv2"]
+
+
+@pytest.mark.parametrize("arch", CONV_FAMILIES)
+def test_init_is_the_references_he_normal_fan_out(arch):
+    """Every conv's weights: std sqrt(2 / (k*k*out)) within sampling error; BN 1/0; the classifier per family."""
+    torch.manual_seed(0)
+    net = common.build_model(arch, 100)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 2000:
+            k = m.kernel_size[0] * m.kernel_size[1]
+            target = math.sqrt(2.0 / (k * m.out_channels))
+            # the sample std of n normal draws has relative error about 1/sqrt(2n): allow 6 of those
+            assert abs(m.weight.std().item() / target - 1) < 6 / math.sqrt(2 * m.weight.numel()), m
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    fc = net.fc
+    if arch in ("vgg8", "mobilenetv2"):
+        assert torch.all(fc.bias == 0) and abs(fc.weight.std().item() - 0.01) < 0.001
+    elif arch == "wrn_16_2":
+        assert torch.all(fc.bias == 0) and fc.weight.abs().max() <= 1 / math.sqrt(fc.in_features)
+    else:  # PyTorch's default: uniform in +-1/sqrt(fan_in), bias too
+        assert fc.bias.abs().max() > 0 and fc.weight.abs().max() <= 1 / math.sqrt(fc.in_features)
+
+
+def test_init_reaches_extra_modules_and_leaves_torchvision_alone():
+    torch.manual_seed(0)
+    model = ffl.FFL(_oneffl_args(arch="resnet32"), 100)
+    conv = model.fusion.stages[1][0]  # the 1x1 to C: He-normal too
+    assert abs(conv.weight.std().item() / math.sqrt(2.0 / conv.out_channels) - 1) < 0.1
+    torch.manual_seed(0)
+    ours = common.build_model("resnet18", 10)
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(weights=None, num_classes=10)
+    assert torch.equal(ours.stages[0][0].weight, theirs.conv1.weight)
+
+
+# ------------------------------------------------------------------------------------------------
 # the loop: baseline end to end, resume, DDP
 # ------------------------------------------------------------------------------------------------
 
@@ -388,6 +502,201 @@ def test_resume_without_checkpoint_starts_the_run_and_garbage_is_a_clear_error(d
     with pytest.raises(SystemExit):
         run_main("baseline", *TINY, "--data-dir", data, "--out", out, "--resume")
     assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+def test_force_starts_over_only_in_a_run_folder_and_says_what_it_removes(data, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("years of work")
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", thesis, "--force")
+    assert "not a run folder of this repo" in capsys.readouterr().err
+    assert (thesis / "chapter1.tex").read_text() == "years of work"
+    runs = tmp_path / "runs"  # a folder of runs is not a run either
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", runs / "a")
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", runs, "--force")
+    assert (runs / "a" / "final.json").exists()
+    (runs / "a" / "notes.txt").write_text("mine")  # a run folder: only the run's own files go
+    capsys.readouterr()
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", runs / "a", "--force")
+    assert "--force: starting over in" in capsys.readouterr().out
+    assert (runs / "a" / "notes.txt").read_text() == "mine" and len(read_log(runs / "a")) == 1
+
+
+def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(data, tmp_path):
+    import time
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), *map(str, TINY), "--data-dir", data,
+                          "--epochs", "200", "--schedule", "--out", str(out)], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "run.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        for flag in ("--resume", "--force"):
+            r = run_cli("baseline", *TINY, "--data-dir", data, "--epochs", 200, "--schedule", "--out", out, flag)
+            assert r.returncode == 2 and f"in use by another process (pid {p.pid})" in r.stderr, r.stderr
+        assert (out / "run.json").exists()  # --force removed nothing
+    finally:
+        p.kill()
+        p.wait()
+    # killed: the OS released the lock, so the run resumes (no stale lock)
+    r = run_cli("baseline", "--out", out, "--resume", "--epochs", 200, "--halt-after", 1)
+    assert r.returncode == 0 and "in use" not in r.stderr, r.stderr
+
+
+def _enospc(monkeypatch, when):
+    """Make atomic_write raise ENOSPC when when(path) is true, as a full disk would, mid-file."""
+    import errno
+    real = common.atomic_write
+
+    def writer(path, write, size_hint=0):
+        if when(path):
+            def full(f):
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, full, size_hint)
+        return real(path, write, size_hint)
+    monkeypatch.setattr(common, "atomic_write", writer)
+
+
+def test_disk_full_while_checkpointing_keeps_log_and_checkpoint_in_step(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    args = [*TINY, "--data-dir", data, "--epochs", 3, "--schedule", "--out", out]
+    saves = {"n": 0}
+
+    def second_checkpoint(path):
+        saves["n"] += path.endswith("checkpoint.pt")
+        return path.endswith("checkpoint.pt") and saves["n"] == 2
+    _enospc(monkeypatch, second_checkpoint)
+    with pytest.raises(SystemExit):
+        run_main("baseline", *args)
+    err = capsys.readouterr().err
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("warning:"))  # the fake data's classes
+    assert err.count("\n") == 0 and "disk full while writing" in err and str(out) in err and "MiB free" in err
+    assert "the checkpoint of epoch 1 is intact" in err
+    assert common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1 and len(read_log(out)) == 1
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    monkeypatch.undo()
+    run_main("baseline", *args, "--resume")
+    assert [int(r["epoch"]) for r in read_log(out)] == [1, 2, 3]
+
+
+def test_disk_full_while_writing_final_json_leaves_no_empty_file(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    _enospc(monkeypatch, lambda path: path.endswith("final.json"))
+    with pytest.raises(SystemExit):
+        run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", out)
+    assert "disk full while writing" in capsys.readouterr().err
+    assert not (out / "final.json").exists() and common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+    monkeypatch.undo()
+    run_main("baseline", "--out", out, "--resume")  # the finished checkpoint: final.json written, no training
+    assert read_final(out)["epochs"] == 1 and len(read_log(out)) == 1
+
+
+def test_bare_resume_uses_the_stored_settings_and_a_larger_epochs_extends(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    run_main("dml", *TINY, "--data-dir", data, "--dataset", "cifar100", "--epochs", 3, "--schedule", 2,
+             "--T", 2, "--out", out, "--halt-after", 1)
+    capsys.readouterr()
+    run_main("dml", "--out", out, "--resume")  # no --data-dir, --arch, --T ...: the run's own
+    stdout = capsys.readouterr().out
+    assert "resumed" in stdout and "epoch      lr" in stdout  # the column names again after a resume
+    fin = read_final(out)
+    assert fin["args"]["T"] == 2 and fin["args"]["lr"] == 0.05 and [int(r["epoch"]) for r in read_log(out)] == [1, 2, 3]
+    run_main("dml", "--out", out, "--resume")  # finished: left as it is
+    assert "is finished" in capsys.readouterr().out and len(read_log(out)) == 3
+    run_main("dml", "--out", out, "--resume", "--epochs", 4)
+    assert "extending the run from 3 epochs" in capsys.readouterr().out
+    assert read_final(out)["epochs"] == 4 and [int(r["epoch"]) for r in read_log(out)] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        run_main("dml", "--out", out, "--resume", "--epochs", 2)
+    assert "--epochs 4 (checkpoint) vs 2 (now)" in capsys.readouterr().err
+
+
+def test_interrupt_messages_tell_the_truth():
+    stop = common.Interrupt()
+    import io as _io
+    import contextlib
+    for done, says in ((0, "no epoch is complete yet, so there is no checkpoint: --resume starts the run over"),
+                       (3, "--resume continues from the checkpoint of epoch 3")):
+        stop.hit, stop.done = False, done
+        buf = _io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            stop._handle()
+        assert says in buf.getvalue()
+    with pytest.raises(KeyboardInterrupt):  # the second one stops at once
+        stop._handle()
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_two_ctrl_c_stop_at_once_without_a_traceback(data, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), *map(str, TINY), "--data-dir", data,
+                          "--epochs", "200", "--schedule", "--batch-size", "8", "--out", str(out)], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "run.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "--resume" in stdout + stderr
+
+
+@pytest.mark.parametrize("script,bad,msg", [
+    ("dml", ["--lr", "nan"], "argument --lr: nan is not a finite number"),
+    ("dml", ["--lr", "inf"], "argument --lr: inf is not a finite number"),
+    ("dml", ["--wd", "-1"], "argument --wd: -1.0 must be non-negative"),
+    ("dml", ["--momentum", "-5"], "argument --momentum: -5.0 must lie in [0, 1)"),
+    ("dml", ["--T", "-1"], "argument --T: -1.0 must be positive"),
+    ("dml", ["--peers", "1"], "argument --peers: 1 must be at least 2"),
+    ("mcl", ["--nce-m", "1"], "argument --nce-m: 1.0 must lie in [0, 1)"),
+    ("pcl", ["--ema-decay", "nan"], "argument --ema-decay: nan is not a finite number"),
+    ("one", ["--rampup", "-3"], "argument --rampup: -3 must be non-negative"),
+    ("baseline", ["--eval-every", "0"], "argument --eval-every: 0 must be positive"),
+    ("baseline", ["--resume", "--force"], "give one of them"),
+])
+def test_every_bad_value_is_caught_before_anything_is_written(script, bad, msg, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        run_main(script, "--data-dir", tmp_path, "--out", out, *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_limits_that_depend_on_the_data_leave_no_half_made_folder(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "k"  # fake CIFAR-100 has 256 training images: a holdout of 300 leaves none
+    with pytest.raises(SystemExit):
+        run_main("kdcl", *TINY, "--data-dir", data, "--variant", "general", "--val-size", 300, "--out", out)
+    err = capsys.readouterr().err
+    assert "a holdout of 300 images leaves nothing of the 256" in err and "removed" in err
+    assert "classes of cifar100" in err  # the fake folder lacks some of the 100 classes: warned
+    assert not out.exists()
+
+    def fails(self, labels):
+        raise ValueError("MCL needs training images of at least two classes to draw negatives")
+    monkeypatch.setattr(mcl.MCL, "on_data", fails)
+    with pytest.raises(SystemExit):
+        run_main("mcl", *TINY, "--data-dir", data, "--out", out)
+    assert "at least two classes" in capsys.readouterr().err and not out.exists()
+
+
+def test_files_respect_the_umask(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "r")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "final.json", "log.csv", "run.json"):
+        assert os.stat(tmp_path / "r" / name).st_mode & 0o777 == 0o644, name
 
 
 class _Evil:
@@ -563,38 +872,64 @@ def test_sync_counter_detects_a_sync(monkeypatch, tmp_path):
 # summarize
 # ------------------------------------------------------------------------------------------------
 
-def _fabricate(root, name, method, seed, deploy_acc, ens_acc, finished=True):
+def _fabricate(root, name, method, seed, deploy_acc, ens_acc, finished=True, epochs=300, **args):
     d = root / name
     d.mkdir(parents=True)
-    meta = {"method": method, "arch": "resnet32", "dataset": "cifar100", "epochs": 300, "seed": seed}
+    meta = {"method": method, "arch": "resnet32", "dataset": "cifar100", "epochs": epochs, "seed": seed,
+            "lr": 0.1, "gpus": "0", "out": str(d), **args}
     (d / "run.json").write_text(json.dumps(meta))
     if finished:
-        fin = {**meta, "deploy": "peer1", "last": {"peer1": deploy_acc, "peer2": 1.0, "ensemble": ens_acc},
-               "params": {"peer1": 470000}, "images_per_second": 1000.0}
+        fin = {**{k: meta[k] for k in ("method", "arch", "dataset", "epochs", "seed")}, "deploy": "peer1",
+               "last": {"peer1": deploy_acc, "peer2": 1.0, "ensemble": ens_acc}, "train_last": {"peer1": 99.0},
+               "params": {"peer1": 470000}, "seconds": 100.0, "device": "cpu", "args": meta}
         (d / "final.json").write_text(json.dumps(fin))
 
 
 def test_summarize_means_stds_and_unfinished_runs(tmp_path, capsys):
     _fabricate(tmp_path, "dml-s0", "dml", 0, 70.0, 72.0)
-    _fabricate(tmp_path, "dml-s1", "dml", 1, 72.0, 74.0)
+    _fabricate(tmp_path, "dml-s1", "dml", 1, 72.0, 74.0, gpus="0,1")  # how it ran does not split a group
     _fabricate(tmp_path, "dml-s2", "dml", 2, 0, 0, finished=False)
     _fabricate(tmp_path, "kdcl-s0", "kdcl", 0, 0, 0, finished=False)
     rows = common.summarize(str(tmp_path), plot=False)
+    assert len(rows) == 2
     dml = next(r for r in rows if r["method"] == "dml")
-    assert dml["deploy_top1"] == f"71.00 +- {math.sqrt(2):.2f} (n=2)"
-    assert dml["ensemble_top1"] == f"73.00 +- {math.sqrt(2):.2f} (n=2)"
-    assert dml["status"] == "2 done, 1 running" and dml["params"] == 470000
+    assert (dml["deploy_mean"], dml["deploy_std"], dml["n"]) == (71.0, round(math.sqrt(2), 2), 2)
+    assert (dml["ensemble_mean"], dml["ensemble_std"]) == (73.0, round(math.sqrt(2), 2))
+    assert dml["running"] == 1 and dml["params"] == 470000 and dml["train_top1_mean"] == 99.0
     kdcl = next(r for r in rows if r["method"] == "kdcl")
-    assert kdcl["status"] == "1 running" and kdcl["deploy_top1"] == ""
+    assert kdcl["running"] == 1 and kdcl["n"] == 0 and kdcl["deploy_mean"] is None
     out = capsys.readouterr().out
-    assert "| dml | resnet32 | cifar100 | peer1 | 71.00 +- 1.41 (n=2)" in out
+    assert "| dml | resnet32 | cifar100 | peer1 | 71.00 ± 1.41 (n=2) | 73.00 ± 1.41 | 99.00 |" in out
 
 
-def test_summarize_csv(tmp_path, capsys):
+def test_summarize_groups_by_every_setting_but_the_seed(tmp_path, capsys):
+    """A 2-epoch and a 3-epoch run are two experiments, not one mean: the differing setting is a column."""
+    _fabricate(tmp_path, "a", "dml", 0, 50.0, 50.0, epochs=2)
+    _fabricate(tmp_path, "b", "dml", 0, 54.0, 54.0, epochs=3)
+    rows = common.summarize(str(tmp_path), plot=False)
+    assert sorted((r["epochs"], r["deploy_mean"], r["n"]) for r in rows) == [(2, 50.0, 1), (3, 54.0, 1)]
+    assert capsys.readouterr().out.splitlines()[0].startswith("| method | arch | dataset | epochs |")
+
+
+def test_summarize_skips_a_corrupt_file_and_a_missing_path_is_one_line(tmp_path, capsys):
+    _fabricate(tmp_path, "good", "dml", 0, 70.0, 72.0)
+    _fabricate(tmp_path, "bad", "dml", 1, 70.0, 72.0)
+    (tmp_path / "bad" / "final.json").write_text("")  # e.g. a disk that filled up under an older version
+    rows = common.summarize(str(tmp_path), plot=False)
+    assert len(rows) == 1 and rows[0]["n"] == 1
+    assert "warning: skipped" in capsys.readouterr().err
+    r = run_cli("common", "summarize", tmp_path / "absent")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr
+
+
+def test_summarize_csv_stdout_is_only_csv_with_numbers(tmp_path):
     _fabricate(tmp_path, "a", "dml", 0, 70.0, 72.0)
-    common.summarize(str(tmp_path), as_csv=True, plot=False)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("method,arch,dataset,deploy,deploy_top1") and lines[1].startswith("dml,resnet32")
+    _fabricate(tmp_path, "b", "dml", 1, 72.0, 74.0)
+    r = run_cli("common", "summarize", tmp_path, "--csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(r.stdout.splitlines()))  # every stdout line is CSV (curves.png's note is on stderr)
+    assert len(rows) == 1 and float(rows[0]["deploy_mean"]) == 71.0 and float(rows[0]["deploy_std"]) == 1.41
+    assert int(rows[0]["n"]) == 2
 
 
 def test_summarize_plot_written_or_skipped_cleanly(data, tmp_path, capsys, monkeypatch):
@@ -608,7 +943,7 @@ def test_summarize_plot_written_or_skipped_cleanly(data, tmp_path, capsys, monke
         pass
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert common._plot(str(tmp_path / "runs")) is None
-    assert "pip install matplotlib" in capsys.readouterr().out
+    assert "pip install matplotlib" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
