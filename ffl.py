@@ -24,9 +24,10 @@ Deviations from the paper and the official code (Jangho-Kim/FFL-pytorch), and ch
   - The fused classifier's losses (its CE and KD(fused <- ensemble)) reach the sub-networks and the
     trunk through the concatenated feature maps, which are not detached, as in the official code.
   - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch (--rampup 80; 0 turns it off), the official
-    ramp-up. The official KL adds 1e-7 to the target probabilities; kd() here does not.
-  - PyTorch's default initialisation for the fusion module, as for every backbone here (official:
-    He normal, fan-out).
+    ramp-up; left out, --rampup is 80/300 of --epochs (README "Shorter runs"). The official KL adds
+    1e-7 to the target probabilities; kd() here does not.
+  - The fusion module is initialised as the official code does (He normal, fan-out; BN 1/0), like
+    every backbone here (common.init_weights).
   - The logged "kd" (sum_i KD(z_i <- z_f)) and "fusion" (KD(z_f <- z_ens)) are the ramped terms, so
     that loss = ce + ce_f + kd + fusion.
 

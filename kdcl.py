@@ -38,7 +38,7 @@ Deviations from the paper and choices where it is open (all defaults follow the 
 Heads: every student ("peer1" ... deployable: peer1) and "ensemble" = mean of the students'
 probabilities (whatever the variant), all on the unaugmented test images.
 
-    python kdcl.py --arch wrn_16_2,resnet32 --dataset cifar100 --gpus 0        # the paper's CIFAR pair
+    python kdcl.py --arch resnet32,wrn_16_2 --dataset cifar100 --gpus 0        # the paper's CIFAR pair; peer1 = ResNet-32
     python kdcl.py --arch resnet32 --peers 2 --variant general --val-size 5000
 """
 import torch

@@ -135,7 +135,8 @@ class MCL(nn.Module):
         h = self.trunk(x)
         outs = [branch(h, features=True) for branch in self.branches]
         logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
-        emb = torch.stack([F.normalize(head(f).float(), dim=1) for head, (_, f, _) in zip(self.embed, outs)])
+        with torch.autocast("cuda", enabled=False):  # the embedding in fp32, like the NCE scores it feeds
+            emb = torch.stack([F.normalize(head(f.float()), dim=1) for head, (_, f, _) in zip(self.embed, outs)])
         neg = sample_negatives(y, self.nce_k, self.order, self.start, self.count)
         ce = sum(F.cross_entropy(z, y) for z in logits)
         dot = dot_loss(logits, self.T)

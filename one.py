@@ -11,7 +11,8 @@ Loss:  sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 KL(p_e^T || p_i^T),  z_e
 
 Deviations from the paper and the official code (Lan1991Xu/ONE_NeurIPS2018), and choices:
   - w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch (--rampup 80, 0 turns it off) is the official
-    code's; the paper does not mention a ramp-up.
+    code's; the paper does not mention a ramp-up. Left out, --rampup is 80/300 of --epochs (README
+    "Shorter runs"), so a 10-epoch run still ramps up instead of staying near w = 0.007.
   - Recipe: the CIFAR protocol (wd 5e-4, Nesterov, x0.1 at 150/225, per-dataset normalisation). The
     official scripts use wd 1e-4, no Nesterov, drops at 151/225 and CIFAR-10 statistics for every
     dataset: pass --wd 1e-4 --no-nesterov to match the optimiser.

@@ -24,7 +24,7 @@ Deviations from the paper, and choices (the recipe is the shared protocol, which
     copies of one branch (identical initial weights, classifiers included), here every peer and its
     classifier start from independent weights; its ramp-up divides by the weight instead of the
     length (KD is off for epochs 2-80), here w(e) = exp(-5 (1 - min(e, 80)/80)^2) per epoch index e
-    from 0 (--rampup 80; 0 turns it off), for both KD terms.
+    from 0 (--rampup 80; 0 turns it off), for both KD terms; left out, --rampup is 80/300 of --epochs.
   - The decay 0.999 is a 1,000-step horizon: 0.85% of the protocol's 117,300 steps. With --ema-decay
     left out, a shorter run keeps that fraction (horizon = 1000 x this run's steps / 117,300, at
     least 1; e.g. 10 epochs of 20,000 images: 13 steps, a = 0.925): a fixed 1,000 steps would average

@@ -29,7 +29,7 @@ configs/sokd.yaml), and choices where the spec was open:
      stage (+ final norm where the backbone has one) + classifier of ANY backbone; the official
      code has it for WRN only. Untrained, random init as in the official code (its KBM is a copy of
      block3, bn1 and fc made when the net is built: convs re-drawn by the WRN init loop, fc equal to
-     the teacher's fc at initialisation), with PyTorch's default initialisers here.
+     the teacher's fc at initialisation), initialised like the backbone (common.init_weights).
   3. Its input is the output of the teacher's penultimate stage, computed under no_grad (the
      official code reads the same tensor, feature_T[-3] = block2's output, and detaches it).
   4. --kd-teacher: an optional direct teacher -> student KD term, default 0 as in the official
