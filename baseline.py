@@ -30,9 +30,14 @@ class Baseline(nn.Module):
         return {"net": common.count_params(self.net)}
 
 
+# --recipe paper: SOKD's vanilla teacher script (swlzq/Semi-Online-KD: 200 epochs, x0.1 at 100/150, no
+# Nesterov, reflect padding, CIFAR-10 statistics on every dataset), so that sokd.py's teacher matches it
+PAPER = dict(epochs=200, schedule=[100, 150], no_nesterov=True, padding="reflect", norm="cifar10")
+
+
 def main():
     p = common.parser(__doc__)
-    args = common.parse(p, "baseline")
+    args = common.parse(p, "baseline", paper=PAPER)
     if "," in args.arch:
         p.error("baseline.py trains one network: give a single --arch")
     common.run(args, Baseline)

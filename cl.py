@@ -143,6 +143,10 @@ class CL(nn.Module):
         return {**n, "ensemble": common.count_params(self)}
 
 
+# --recipe paper: no official code and no recipe recovered from the paper: the protocol (README)
+PAPER = dict()
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--heads", type=int, default=4, check="two+", help="number of classifier heads H")
@@ -151,7 +155,7 @@ def main():
     common.add_arg(p, "--T", type=float, default=2.0, check="positive", help="distillation temperature")
     common.add_arg(p, "--beta", type=float, default=0.5, help="weight of the hard loss; the soft loss has 1 - beta")
     common.add_arg(p, "--no-rescale", action="store_true", help="no backpropagation rescaling (ablation)")
-    args = common.parse(p, "cl")
+    args = common.parse(p, "cl", paper=PAPER)
     if "," in args.arch:
         p.error("cl.py builds one multi-head network: give a single --arch")
     if not 0 <= args.beta <= 1:  # 1 (labels only) is allowed: common.CHECKS has no closed [0, 1]

@@ -393,11 +393,22 @@ def load_cifar(dataset, data_dir):
     return (*train, *test)
 
 
-def crop_flip(x, dy, dx, flip, pad=4):
-    """Per-image window [dy:dy+H, dx:dx+W] of x zero-padded by `pad`, mirrored where flip; one gather.
+def _reflect(n, pad, device):
+    """Indices of a length-n axis reflect-padded by `pad` (the edge not repeated, as torchvision's
+    padding_mode="reflect"): -pad..n+pad-1 folded back into 0..n-1."""
+    i = torch.arange(-pad, n + pad, device=device).abs()
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
+
+
+def crop_flip(x, dy, dx, flip, pad=4, padding="zeros"):
+    """Per-image window [dy:dy+H, dx:dx+W] of x padded by `pad` ("zeros", or "reflect": the image
+    mirrored at its edges), mirrored where flip; one gather.
     x: (B, C, H, W) uint8; dy, dx: (B,) ints in [0, 2*pad]; flip: (B,) bool."""
     B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad)).flatten(2)                             # (B, C, Hp*Wp)
+    if padding == "reflect":  # by indexing, which every dtype and device supports
+        xp = x.index_select(2, _reflect(H, pad, x.device)).index_select(3, _reflect(W, pad, x.device)).flatten(2)
+    else:
+        xp = F.pad(x, (pad, pad, pad, pad)).flatten(2)                         # (B, C, Hp*Wp)
     ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     rows = dy[:, None] + ar_h                                                   # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], W - 1 - ar_w, ar_w)         # (B, W)
@@ -433,11 +444,11 @@ class Loader(_DeviceNormalize):
     Yields (x, y, idx): x normalised float (a tuple of `views` tensors when views > 1)."""
 
     def __init__(self, x, y, mean, std, device, batch_size, train, views=1, seed=0, rank=0, world=1,
-                 channels_last=False):
+                 channels_last=False, padding="zeros"):
         super().__init__(mean, std, device, channels_last)
         self.x = torch.as_tensor(x).to(device)                   # uint8, never a float copy of the split
         self.y = torch.as_tensor(y).to(device)
-        self.batch_size, self.train, self.views = batch_size, train, views
+        self.batch_size, self.train, self.views, self.padding = batch_size, train, views, padding
         self.seed, self.rank, self.world = seed, rank, world
 
     def __len__(self):
@@ -462,7 +473,8 @@ class Loader(_DeviceNormalize):
             if not self.train:
                 yield self.normalize(imgs), self.y[idx], idx
                 continue
-            xs = tuple(self.normalize(crop_flip(imgs, *(p[self.rank::self.world] for p in v))) for v in params)
+            xs = tuple(self.normalize(crop_flip(imgs, *(p[self.rank::self.world] for p in v), padding=self.padding))
+                       for v in params)
             yield (xs[0] if self.views == 1 else xs), self.y[idx], idx
 
 
@@ -480,8 +492,9 @@ def _folder_layout(data_dir):
 def dataset_info(args):
     """(num_classes, mean, std) of --dataset: CIFAR's from DATASETS; imagenet: as many classes as
     class folders in DIR/train (1000 under --bench when there is no folder), ImageNet's statistics."""
-    if args.dataset != "imagenet":
-        return DATASETS[args.dataset][4], *DATASETS[args.dataset][5:7]
+    if args.dataset != "imagenet":  # --norm cifar10: CIFAR-10's statistics whatever the dataset (ONE, SOKD)
+        stats = DATASETS["cifar10" if getattr(args, "norm", "dataset") == "cifar10" else args.dataset][5:7]
+        return DATASETS[args.dataset][4], *stats
     train = os.path.join(args.data_dir, "train")
     if not os.path.isdir(train):
         if getattr(args, "bench", 0):
@@ -691,6 +704,13 @@ def parser(description):
     add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
             "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
+    add_arg(p, "--padding", default="zeros", choices=["zeros", "reflect"],
+            help="CIFAR random crop: from the image padded by 4 with zeros or mirrored at its edges")
+    add_arg(p, "--norm", default="dataset", choices=["dataset", "cifar10"],
+            help="normalisation statistics: the dataset's own, or CIFAR-10's on every dataset")
+    add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
+            help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
+                 "every option not given (each script's PAPER)")
     add_arg(p, "--seed", type=int, default=0, check="nonneg")
     add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
             "(the log shows '-' in between); 1: every epoch")
@@ -779,7 +799,7 @@ def _merge_stored(p, args, given):
     except (RuntimeError, FileNotFoundError) as e:
         fail(f"--resume: {e}")
     if stored is None:
-        return
+        return False
     diff = []
     for k, v in stored.items():
         if k in INHERITED and k not in given:  # how it ran: the same unless told otherwise
@@ -796,17 +816,38 @@ def _merge_stored(p, args, given):
         fail(f"--resume: the run in {run_dir(args)} was made with other settings: " + "; ".join(diff))
     if args.epochs > stored.get("epochs", args.epochs):
         args.extended_from = stored["epochs"]
+    return True
 
 
-def parse(p, method, argv=None):
-    """Parse and validate: every error here happens before anything is written."""
+def apply_recipe(args, paper, given):
+    """--recipe paper: the method's paper recipe (`paper`, a dict of option -> value) for every option
+    not given. Its milestones belong to its own epochs: with another --epochs they scale with it."""
+    if args.recipe != "paper":
+        return
+    for k, v in paper.items():
+        if k not in given:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    own = paper.get("epochs", PROTOCOL["cifar"]["epochs"])  # the epochs the recipe's milestones belong to
+    if "schedule" in paper and "schedule" not in given and "epochs" in given and args.epochs != own:
+        args.schedule = sorted({m for m in (_scale(m, args.epochs, own) for m in paper["schedule"])
+                                if 0 < m < args.epochs})
+        args.scaled = ["schedule"]
+
+
+def parse(p, method, argv=None, paper=None):
+    """Parse and validate: every error here happens before anything is written. paper: what --recipe
+    paper sets (the method file's PAPER dict)."""
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.method = method
     if args.resume and args.force:
         p.error("--resume continues a run and --force starts it over: give one of them")
-    if args.resume and not args.bench:
-        _merge_stored(p, args, _given(p, argv))
+    given = _given(p, argv)
+    if args.resume and not args.bench and _merge_stored(p, args, given):
+        given = set(vars(args))  # the stored run's values stand; its recipe was applied when it started
+    apply_recipe(args, paper or {}, given)
+    if args.dataset == "imagenet" and (args.padding != "zeros" or args.norm != "dataset"):
+        p.error("--padding and --norm apply to CIFAR (imagenet: RandomResizedCrop, ImageNet statistics)")
     protocol_defaults(p, args)
     _validate(p, args)
     for a in args.arch.split(","):
@@ -983,7 +1024,7 @@ def run(args, Method):
     except KeyboardInterrupt:
         _ignore_sigint()
         ckpt = os.path.join(out, "checkpoint.pt")
-        print(f"\nstopped at once (second Ctrl-C); "
+        print("\nstopped at once (second Ctrl-C); "
               + (f"{ckpt} is intact: --resume continues from it" if os.path.isfile(ckpt) else
                  f"no checkpoint yet in {out}: --resume starts the run over"), file=sys.stderr, flush=True)
         sys.exit(130)
@@ -1147,7 +1188,8 @@ def _train(rank, world, args, Method, out, data, device):
             held, kept = holdout_split(len(ty), holdout_n, args.seed)
             tx, ty, hx, hy = tx[kept], ty[kept], tx[held], ty[held]
             hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=True)
-        train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, True)
+        train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, True,
+                            args.padding)
         test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=True)
     n_train = len(train_data.y)
     if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
@@ -1355,7 +1397,10 @@ def describe_schedule(args, resolved):
     extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup") if hasattr(args, k)]
     extra += [f"{k} {v}" for k, v in resolved.items()]
     scaled = getattr(args, "scaled", [])
-    return (f"schedule: {args.epochs} epochs, lr {args.lr:g} {lr}" + "".join(f", {e}" for e in extra)
+    return (f"recipe {getattr(args, 'recipe', 'protocol')}: {args.epochs} epochs, batch {args.batch_size}, "
+            f"lr {args.lr:g} {lr}, wd {args.wd:g}, {'no ' if args.no_nesterov else ''}Nesterov, "
+            f"{getattr(args, 'padding', 'zeros')} padding, {getattr(args, 'norm', 'dataset')} statistics"
+            + "".join(f", {e}" for e in extra)
             + (f" (scaled to --epochs: {', '.join(scaled + list(resolved))})" if scaled or resolved else ""))
 
 

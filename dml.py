@@ -65,11 +65,15 @@ class DML(nn.Module):
         return {**n, "ensemble": sum(n.values())}
 
 
+# --recipe paper: the paper's (no official PyTorch code): batch 64, 200 epochs, x0.1 every 60, reflect padding
+PAPER = dict(batch_size=64, epochs=200, schedule=[60, 120, 180], padding="reflect")
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--peers", type=int, default=2, check="two+", help="number of peers K (ignored when --arch lists several)")
     common.add_arg(p, "--T", type=float, default=1.0, check="positive", help="temperature; the paper uses none (1)")
-    args = common.parse(p, "dml")
+    args = common.parse(p, "dml", paper=PAPER)
     n = len(args.arch.split(","))
     if n > 1:
         args.peers = n

@@ -108,13 +108,18 @@ class FFL(nn.Module):
                 {"params": list(self.fusion.parameters()), "weight_decay": self.fusion_wd}]
 
 
+# --recipe paper: the official code (Jangho-Kim/FFL-pytorch): sub-network wd 1e-4, fusion module 1e-5,
+# 301 epochs (0..300), x0.1 at 150/225, reflect padding
+PAPER = dict(wd=1e-4, fusion_wd=1e-5, epochs=301, schedule=[150, 225], padding="reflect")
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--branches", type=int, default=2, check="two+", help="number of sub-networks N")
     common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weights; 0: none")
     common.add_arg(p, "--fusion-wd", type=float, default=1e-5, check="nonneg", help="weight decay of the fusion module")
-    args = common.parse(p, "ffl")
+    args = common.parse(p, "ffl", paper=PAPER)
     if "," in args.arch:
         p.error("ffl.py builds one multi-branch network (FFL-S): give a single --arch")
     common.run(args, FFL)

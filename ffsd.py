@@ -267,6 +267,11 @@ class FFSD(nn.Module):
                 {"params": list(self.fusion.parameters()), "weight_decay": self.args.fusion_wd}]
 
 
+# --recipe paper: the official options.py / CIFARTrainer.py (SJLeo/FFSD): wd 1e-4 (fusion 1e-5), 299 epochs,
+# x0.1 after 150 and 225, reflect padding
+PAPER = dict(wd=1e-4, fusion_wd=1e-5, epochs=299, schedule=[150, 225], padding="reflect")
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--students", type=int, default=2, help="number of students M (official --model_num)")
@@ -279,7 +284,7 @@ def main():
     common.add_arg(p, "--fusion-wd", type=float, default=1e-5, help="weight decay of the fusion module")
     common.add_arg(p, "--decoder-lr", type=float, default=1e-3, help="Adam lr of the self-distillation decoders")
     common.add_arg(p, "--decoder-wd", type=float, default=1e-4, help="Adam weight decay of the decoders")
-    args = common.parse(p, "ffsd")
+    args = common.parse(p, "ffsd", paper=PAPER)
     if "," in args.arch:
         p.error("ffsd.py trains students and a leader of one architecture: give a single --arch")
     if args.students < 2:

@@ -171,6 +171,10 @@ class KDCL(nn.Module):
         return {**n, "ensemble": sum(n.values())}
 
 
+# --recipe paper: no official code; the protocol is PCL's re-run recipe for KDCL (README)
+PAPER = dict()
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--peers", type=int, default=2, check="two+", help="number of students m (ignored when --arch lists several)")
@@ -181,7 +185,7 @@ def main():
                    help="weight of the KD term; the paper's value was not recovered")
     common.add_arg(p, "--val-size", type=int, default=5000, check="positive",
                    help="training images held out to weigh the students (--variant general only)")
-    args = common.parse(p, "kdcl")
+    args = common.parse(p, "kdcl", paper=PAPER)
     n = len(args.arch.split(","))
     if n > 1:
         args.peers = n

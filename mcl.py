@@ -176,6 +176,10 @@ class MCL(nn.Module):
         return {**n, "ensemble": common.count_params(self.trunk, self.branches)}
 
 
+# --recipe paper: the official code (winycg/MCL-OKD): batch 64, lr 0.05, cosine over 300 epochs (SGDR, T0 = 300)
+PAPER = dict(batch_size=64, lr=0.05, cosine=True, epochs=300)
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--branches", type=int, default=4, check="two+", help="number of branches (views)")
@@ -186,7 +190,7 @@ def main():
     common.add_arg(p, "--nce-k", type=int, default=256, check="positive", help="negatives per image (official: 16384 for VGG-16)")
     common.add_arg(p, "--nce-t", type=float, default=0.1, check="positive", help="NCE temperature")
     common.add_arg(p, "--nce-m", type=float, default=0.5, check="unit", help="bank momentum: weight of the old row")
-    args = common.parse(p, "mcl")
+    args = common.parse(p, "mcl", paper=PAPER)
     if "," in args.arch:
         p.error("mcl.py splits one architecture into branches: give a single --arch")
     common.run(args, MCL)

@@ -131,12 +131,17 @@ class OKDDip(nn.Module):
         return {**n, "leader": t + common.count_params(self.leader), "ensemble": t + common.count_params(self.peers)}
 
 
+# --recipe paper: the official train_GL.py is the protocol, but steps its scheduler at the start of each epoch,
+# so its drops land at 149/224
+PAPER = dict(schedule=[149, 224])
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--peers", type=int, default=3, help="auxiliary peers m (the leader is one more)")
     common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of both KD weights; 0: none")
-    args = common.parse(p, "okddip")
+    args = common.parse(p, "okddip", paper=PAPER)
     if "," in args.arch:
         p.error("okddip.py builds one multi-branch network: give a single --arch")
     if args.peers < 2:

@@ -94,12 +94,17 @@ class ONE(nn.Module):
         return {**n, "ensemble": common.count_params(self)}
 
 
+# --recipe paper: the official scripts (Lan1991Xu/ONE_NeurIPS2018): wd 1e-4, no Nesterov, x0.1 at 151/225,
+# CIFAR-10 statistics on every dataset
+PAPER = dict(wd=1e-4, no_nesterov=True, schedule=[151, 225], norm="cifar10")
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--branches", type=int, default=3, check="two+", help="number of branches m")
     common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of the KD weight; 0: none")
-    args = common.parse(p, "one")
+    args = common.parse(p, "one", paper=PAPER)
     if "," in args.arch:
         p.error("one.py builds one multi-branch network: give a single --arch")
     common.run(args, ONE)

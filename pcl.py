@@ -141,6 +141,10 @@ class PCL(nn.Module):
         return {**n, "ensemble": common.count_params(self.trunk, self.ensemble) + stages}
 
 
+# --recipe paper: the protocol is PCL's own recipe (300 epochs, x0.1 at 150/225, wd 5e-4, Nesterov)
+PAPER = dict()
+
+
 def main():
     p = common.parser(__doc__)
     common.add_arg(p, "--peers", type=int, default=3, check="two+", help="number of peers m")
@@ -149,7 +153,7 @@ def main():
     common.add_arg(p, "--ema-decay", type=float, default=None, check="unit", help="largest decay a_t of the peer mean teachers; "
                    "when not given: 0.999 (a 1,000-step horizon) under the protocol, the horizon scaled to the "
                    "same fraction of a shorter or longer run")
-    args = common.parse(p, "pcl")
+    args = common.parse(p, "pcl", paper=PAPER)
     if "," in args.arch:
         p.error("pcl.py builds one multi-branch network: give a single --arch")
     common.run(args, PCL)

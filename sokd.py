@@ -211,6 +211,11 @@ def export_improved_teacher(ckpt_path, out_path):
     return net
 
 
+# --recipe paper: the official configs (swlzq/Semi-Online-KD): 200 epochs, x0.1 at 100/150, no Nesterov, reflect
+# padding, CIFAR-10 statistics on CIFAR-100 (the teacher: baseline.py --recipe paper)
+PAPER = dict(epochs=200, schedule=[100, 150], no_nesterov=True, padding="reflect", norm="cifar10")
+
+
 def main():
     p = common.parser(__doc__)
     p.set_defaults(arch="wrn_40_1")  # the paper's student (teacher WRN-40-2)
@@ -225,7 +230,7 @@ def main():
     common.add_arg(p, "--export-teacher", default=None, metavar="RUN_DIR",
                    help="write RUN_DIR/improved_teacher.pt (teacher trunk + KBM, baseline.py format, "
                         "usable as --teacher) from a sokd run and exit")
-    args = common.parse(p, "sokd")
+    args = common.parse(p, "sokd", paper=PAPER)
     if args.export_teacher:
         out = os.path.join(args.export_teacher, "improved_teacher.pt")
         try:

@@ -274,8 +274,8 @@ def test_first_log_line_run_json_and_final_json_state_the_schedule(data, tmp_pat
     out = tmp_path / "p"
     run_main("pcl", *TINY, "--data-dir", data, "--epochs", 2, "--out", out)
     log = capsys.readouterr().out
-    assert "schedule: 2 epochs, lr 0.05 x0.1 at epochs 1, --rampup 1, ema_decay 0.0 " \
-           "(scaled to --epochs: schedule, rampup, ema_decay)" in log
+    assert "recipe protocol: 2 epochs, batch 64, lr 0.05 x0.1 at epochs 1, wd 0.0005, Nesterov, zeros padding, " \
+           "dataset statistics, --rampup 1, ema_decay 0.0 (scaled to --epochs: schedule, rampup, ema_decay)" in log
     assert "\r" not in log  # not a terminal: no progress line, only the epoch rows
     started, fin = json.loads((out / "run.json").read_text()), read_final(out)
     for d in (started, fin["args"]):
@@ -305,6 +305,74 @@ def test_eval_every_tests_some_epochs_and_always_the_last(data, tmp_path, capsys
     fin = read_final(out)
     assert fin["last"]["net"] == float(rows[-1]["net"]) and fin["best"]["net"][1] in (2, 3)
     assert 0 <= fin["train_last"]["net"] <= 100  # top-1 on the (un-augmented) training images
+
+
+def test_reflect_padding_is_torchvisions_random_crop_window_for_window():
+    import torchvision.transforms.functional as TF
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    dy, dx = torch.tensor([0, 8, 3]), torch.tensor([8, 0, 5])
+    ours = common.crop_flip(x, dy, dx, torch.zeros(3, dtype=torch.bool), padding="reflect")
+    for i in range(3):  # RandomCrop(32, 4, padding_mode="reflect") pads, then takes the window at (dy, dx)
+        padded = TF.pad(x[i], [4], padding_mode="reflect")
+        assert torch.equal(ours[i], padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32])
+    zeros = common.crop_flip(x, dy, dx, torch.zeros(3, dtype=torch.bool))
+    assert zeros[0, :, :4].eq(0).all() and not ours[0, :, :4].eq(0).all()  # zeros stays the default
+
+
+PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest being the protocol's
+    "one": dict(wd=1e-4, no_nesterov=True, schedule=[151, 225], norm="cifar10", epochs=300),
+    "ffl": dict(wd=1e-4, fusion_wd=1e-5, epochs=301, schedule=[150, 225], padding="reflect"),
+    "mcl": dict(batch_size=64, lr=0.05, cosine=True, epochs=300),
+    "sokd": dict(epochs=200, schedule=[100, 150], no_nesterov=True, padding="reflect", norm="cifar10"),
+    "baseline": dict(epochs=200, schedule=[100, 150], no_nesterov=True, padding="reflect", norm="cifar10"),
+    "dml": dict(batch_size=64, epochs=200, schedule=[60, 120, 180], padding="reflect"),
+    "okddip": dict(schedule=[149, 224], wd=5e-4),
+    "ffsd": dict(wd=1e-4, epochs=299, schedule=[150, 225], padding="reflect"),
+    "pcl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", norm="dataset", batch_size=128),
+    "kdcl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", batch_size=128),
+    "cl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", batch_size=128),
+}
+
+
+@pytest.mark.parametrize("script", sorted(PAPER_RECIPES))
+def test_recipe_paper_sets_the_official_values_and_given_options_win(script, monkeypatch):
+    extra = ["--teacher-arch", "resnet8", "--bench", 1] if script == "sokd" else []
+    a = _parse_script(monkeypatch, script, "--recipe", "paper", *extra)
+    for k, v in PAPER_RECIPES[script].items():
+        assert getattr(a, k) == v, k
+    a = _parse_script(monkeypatch, script, *extra)  # the default stays the protocol
+    assert (a.recipe, a.wd, a.epochs, a.padding, a.norm, a.no_nesterov) == ("protocol", 5e-4, 300, "zeros", "dataset", False)
+    a = _parse_script(monkeypatch, script, "--recipe", "paper", "--wd", 3e-4, "--epochs", 20, *extra)
+    assert a.wd == 3e-4 and a.epochs == 20 and all(0 < m < 20 for m in a.schedule)  # milestones follow --epochs
+
+
+def test_norm_cifar10_uses_cifar10_statistics_on_cifar100():
+    args = argparse.Namespace(dataset="cifar100", norm="cifar10")
+    assert common.dataset_info(args)[1:] == common.DATASETS["cifar10"][5:7]
+    args.norm = "dataset"
+    assert common.dataset_info(args)[1:] == common.DATASETS["cifar100"][5:7]
+
+
+def test_every_method_runs_end_to_end_with_recipe_paper(data, tmp_path, capsys):
+    teacher = tmp_path / "t"
+    common_args = [*TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 1, "--recipe", "paper"]
+    run_main("baseline", *common_args, "--out", teacher)
+    for script in ["dml", "cl", "kdcl", "one", "okddip", "ffl", "pcl", "mcl", "ffsd", "sokd"]:
+        extra = ["--teacher", teacher / "checkpoint.pt"] if script == "sokd" else []
+        run_main(script, *common_args, "--out", tmp_path / script, *extra)
+        fin = read_final(tmp_path / script)
+        assert fin["args"]["recipe"] == "paper" and set(fin["last"]) == set(fin["params"]), script
+    assert capsys.readouterr().out.count("recipe paper: 1 epochs") == 11
+    with pytest.raises(SystemExit):  # --resume refuses another recipe
+        run_main("one", *common_args[:-2], "--recipe", "protocol", "--out", tmp_path / "one", "--resume")
+    assert "--recipe 'paper' (checkpoint) vs 'protocol' (now)" in capsys.readouterr().err
+
+
+def test_summarize_shows_the_recipe_when_it_differs(tmp_path):
+    _fabricate(tmp_path, "a", "one", 0, 70.0, 72.0, recipe="protocol")
+    _fabricate(tmp_path, "b", "one", 0, 71.0, 73.0, recipe="paper")
+    rows = common.summarize(str(tmp_path), plot=False)
+    assert sorted((r["recipe"], r["deploy_mean"]) for r in rows) == [("paper", 71.0), ("protocol", 70.0)]
 
 
 CONV_FAMILIES = ["resnet8", "resnet110b", "wrn_16_2", "wrn_20_8", "vgg8", "densenet40_12", "mobilenetv2"]
