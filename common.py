@@ -343,6 +343,12 @@ DATASETS = {  # folder in torchvision's layout, train files, test files, label k
 }
 
 
+# --norm: statistics some official codes use on every dataset. "cifar10-legacy": CIFAR-10's mean with the
+# std that circulates in many CIFAR repositories (ONE's cifar_one.py), not the pixel std of CIFAR-10
+NORMS = {"cifar10": DATASETS["cifar10"][5:7],
+         "cifar10-legacy": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
+
+
 class DataError(RuntimeError):
     pass
 
@@ -492,9 +498,9 @@ def _folder_layout(data_dir):
 def dataset_info(args):
     """(num_classes, mean, std) of --dataset: CIFAR's from DATASETS; imagenet: as many classes as
     class folders in DIR/train (1000 under --bench when there is no folder), ImageNet's statistics."""
-    if args.dataset != "imagenet":  # --norm cifar10: CIFAR-10's statistics whatever the dataset (ONE, SOKD)
-        stats = DATASETS["cifar10" if getattr(args, "norm", "dataset") == "cifar10" else args.dataset][5:7]
-        return DATASETS[args.dataset][4], *stats
+    if args.dataset != "imagenet":  # --norm: other statistics whatever the dataset (ONE, SOKD)
+        norm = getattr(args, "norm", "dataset")
+        return DATASETS[args.dataset][4], *(NORMS[norm] if norm in NORMS else DATASETS[args.dataset][5:7])
     train = os.path.join(args.data_dir, "train")
     if not os.path.isdir(train):
         if getattr(args, "bench", 0):
@@ -706,8 +712,9 @@ def parser(description):
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
     add_arg(p, "--padding", default="zeros", choices=["zeros", "reflect"],
             help="CIFAR random crop: from the image padded by 4 with zeros or mirrored at its edges")
-    add_arg(p, "--norm", default="dataset", choices=["dataset", "cifar10"],
-            help="normalisation statistics: the dataset's own, or CIFAR-10's on every dataset")
+    add_arg(p, "--norm", default="dataset", choices=["dataset", *NORMS],
+            help="normalisation statistics: the dataset's own, CIFAR-10's on every dataset (SOKD), or the "
+                 "CIFAR-10 mean with the widespread std (0.2023, 0.1994, 0.2010) on every dataset (ONE)")
     add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
             help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
                  "every option not given (each script's PAPER)")
@@ -761,7 +768,7 @@ def protocol_defaults(p, args):
         for a in p._actions:  # options counted in epochs (ramp-ups): the same fraction of training
             if hasattr(a, "protocol_epochs") and getattr(args, a.dest) is None:
                 setattr(args, a.dest, max(1, _scale(a.protocol_epochs, args.epochs, P["epochs"])))
-                if args.epochs != P["epochs"]:
+                if getattr(args, a.dest) != a.protocol_epochs:
                     args.scaled.append(a.dest)
     if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
         args.lr = 0.1 * args.batch_size / 256
