@@ -1229,13 +1229,13 @@ def _train(rank, world, args, Method, out, data, device):
         # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
         atomic_json({**_plain_args(args), "resolved": resolved}, os.path.join(out, "run.json"))
         _write_log(out, history)
+        print(describe_schedule(args, resolved))  # the first line: what this run is
+        if getattr(args, "extended_from", None):
+            print(f"--epochs {args.epochs}: extending the run from {args.extended_from} epochs")
         if start == 0:
             print(f"{args.method} {args.arch} {args.dataset}: "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
                   f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
-        if getattr(args, "extended_from", None):
-            print(f"--epochs {args.epochs}: extending the run from {args.extended_from} epochs")
-        print(describe_schedule(args, resolved))
     stop = Interrupt()
     stop.done = start
     progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
