@@ -1537,10 +1537,10 @@ def test_oneffl_training_step_has_no_host_sync(script, monkeypatch, tmp_path):
     assert c["n"] == 0, c["what"]
 
 
-@pytest.mark.parametrize("script,bad,msg", [("one", ["--branches", "1"], "--branches must be at least 2"),
-                                            ("ffl", ["--branches", "1"], "--branches must be at least 2"),
+@pytest.mark.parametrize("script,bad,msg", [("one", ["--branches", "1"], "argument --branches: 1 must be at least 2"),
+                                            ("ffl", ["--branches", "1"], "argument --branches: 1 must be at least 2"),
                                             ("one", ["--arch", "resnet8,resnet14"], "give a single --arch"),
-                                            ("ffl", ["--fusion-wd", "-1"], "--fusion-wd non-negative")])
+                                            ("ffl", ["--fusion-wd", "-1"], "argument --fusion-wd: -1.0 must be non-negative")])
 def test_oneffl_bad_arguments_are_refused(script, bad, msg, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(script, *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
@@ -1706,7 +1706,8 @@ def test_pcl_head_params_mean1_is_the_backbone(arch):
     assert not torch.equal(model.peers[0].fc.weight, model.peers[1].fc.weight)  # independent peers
 
 
-PCL_TINY = [*TINY, "--batch-size", 16, "--epochs", 2, "--schedule", 1]  # with pcl_data: 2 steps per epoch
+PCL_TINY = [*TINY, "--batch-size", 16, "--epochs", 2, "--schedule", 1,  # with pcl_data: 2 steps per epoch
+            "--ema-decay", 0.999]  # the paper's decay: left out, 4 steps would make the horizon 1 step (a copy)
 
 
 @pytest.fixture(scope="module")
@@ -1752,8 +1753,9 @@ def test_pcl_resume_restores_the_mean_teachers_exactly(pcl_data, tmp_path, pcl_r
 
 
 def test_pcl_rejects_bad_options(pcl_data, tmp_path, capsys):
-    for bad, msg in ((["--peers", 1], "--peers must be at least 2"), (["--arch", "resnet8,resnet14"], "single --arch"),
-                     (["--ema-decay", 1.0], "--ema-decay in [0, 1)")):
+    for bad, msg in ((["--peers", 1], "argument --peers: 1 must be at least 2"),
+                     (["--arch", "resnet8,resnet14"], "single --arch"),
+                     (["--ema-decay", 1.0], "argument --ema-decay: 1.0 must lie in [0, 1)")):
         with pytest.raises(SystemExit) as e:
             run_main("pcl", *TINY, *bad, "--epochs", 1, "--schedule", "--data-dir", pcl_data, "--out", tmp_path / "x")
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -2201,7 +2203,7 @@ def test_imagenet_protocol_defaults(monkeypatch, capsys):
     a = _parsed(monkeypatch, "--gpus", "cpu", "--dataset", "imagenet", "--batch-size", 1024, "--wd", 5e-5)
     assert (a.lr, a.wd, a.workers) == (0.4, 5e-5, 8)  # linear scaling with the batch; given values win
     assert _parsed(monkeypatch, "--gpus", "cpu", "--dataset", "imagenet", "--lr", 0.2, "--batch-size", 512).lr == 0.2
-    for argv, msg in ((["--dataset", "imagenet", "--epochs", 50], "lie in (0, --epochs=50)"),  # defaults validated
+    for argv, msg in ((["--dataset", "imagenet", "--epochs", 50, "--schedule", 30, 60, 80], "lie in (0, --epochs=50)"),
                       (["--image-size", 64], "--image-size applies to --dataset imagenet only")):
         with pytest.raises(SystemExit):
             _parsed(monkeypatch, "--gpus", "cpu", *argv)
