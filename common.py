@@ -1149,6 +1149,8 @@ def _worker(rank, world, args, Method, out, data):
         if os.environ.get("OKD_FAIL_RANK") == str(rank):  # tests: one rank dies, the others must not hang
             raise RuntimeError(f"rank {rank}: failure injected by OKD_FAIL_RANK")
         _train(rank, world, args, Method, out, data, device)
+        if world > 1:  # leave together: a rank that tears gloo down while the other still sends or
+            dist.barrier()  # writes final.json can abort it (SIGABRT, seen once in CI)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
