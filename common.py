@@ -1533,10 +1533,10 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
 # =================================================================================================
 
 def _mean_std(vals):
-    """(mean, sample std, n) of a list; std 0 for one value, (None, None, 0) for none."""
+    """(mean, sample std, n) of a list; std None for one value (no spread measured), (None, None, 0) for none."""
     if not vals:
         return None, None, 0
-    return (round(float(np.mean(vals)), 2), round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else 0.0,
+    return (round(float(np.mean(vals)), 2), round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else None,
             len(vals))
 
 
@@ -1617,7 +1617,8 @@ def summarize(root, as_csv=False, plot=True):
         w.writeheader()
         w.writerows(rows)
     else:
-        fmt = lambda m, s, n: "" if m is None else f"{m:.2f} ± {s:.2f}" + (f" (n={n})" if n is not None else "")
+        fmt = lambda m, s, n: "" if m is None else f"{m:.2f}" + ("" if s is None else f" ± {s:.2f}") + \
+            (f" (n={n})" if n is not None else "")
         cols = ["method", "arch", "dataset", *varying, "deploy", "top-1 (deploy)", "ensemble", "train top-1",
                 "params", "s/run (train)", "device", "running"]
         print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")

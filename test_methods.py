@@ -978,7 +978,10 @@ def test_summarize_groups_by_every_setting_but_the_seed(tmp_path, capsys):
     _fabricate(tmp_path, "b", "dml", 0, 54.0, 54.0, epochs=3)
     rows = common.summarize(str(tmp_path), plot=False)
     assert sorted((r["epochs"], r["deploy_mean"], r["n"]) for r in rows) == [(2, 50.0, 1), (3, 54.0, 1)]
-    assert capsys.readouterr().out.splitlines()[0].startswith("| method | arch | dataset | epochs |")
+    assert all(r["deploy_std"] is None for r in rows)  # one run measures no spread: no "± 0.00"
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("| method | arch | dataset | epochs |")
+    assert "| 50.00 (n=1) |" in out and "±" not in out
 
 
 def test_summarize_skips_a_corrupt_file_and_a_missing_path_is_one_line(tmp_path, capsys):
