@@ -1224,7 +1224,7 @@ def _train(rank, world, args, Method, out, data, device):
         if extra is not None:
             extra.load_state_dict(ck["opt_extra"])
         history, start = ck["history"], ck["epoch"]
-        print(f"resumed {out} at epoch {start}")
+        print(f"resumed {out} from the checkpoint of epoch {start}: continuing with epoch {start + 1}")
     resolved = getattr(model, "resolved", {})
     if rank == 0:
         # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's

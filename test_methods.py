@@ -317,6 +317,24 @@ def test_reflect_padding_is_torchvisions_random_crop_window_for_window():
         assert torch.equal(ours[i], padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32])
     zeros = common.crop_flip(x, dy, dx, torch.zeros(3, dtype=torch.bool))
     assert zeros[0, :, :4].eq(0).all() and not ours[0, :, :4].eq(0).all()  # zeros stays the default
+    flip = torch.tensor([True, False, True])  # then RandomHorizontalFlip mirrors the window
+    flipped = common.crop_flip(x, dy, dx, flip, padding="reflect")
+    for i in range(3):
+        window = TF.pad(x[i], [4], padding_mode="reflect")[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(flipped[i], TF.hflip(window) if flip[i] else window)
+
+
+def test_padding_option_reaches_the_training_loader(data, tmp_path, monkeypatch):
+    seen = []
+    crop_flip = common.crop_flip
+
+    def spy(*a, **k):
+        seen.append(k.get("padding"))
+        return crop_flip(*a, **k)
+    monkeypatch.setattr(common, "crop_flip", spy)
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--padding", "reflect",
+             "--out", tmp_path / "r")
+    assert seen and set(seen) == {"reflect"}
 
 
 PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest being the protocol's
@@ -342,8 +360,16 @@ def test_recipe_paper_sets_the_official_values_and_given_options_win(script, mon
         assert getattr(a, k) == v, k
     a = _parse_script(monkeypatch, script, *extra)  # the default stays the protocol
     assert (a.recipe, a.wd, a.epochs, a.padding, a.norm, a.no_nesterov) == ("protocol", 5e-4, 300, "zeros", "dataset", False)
-    a = _parse_script(monkeypatch, script, "--recipe", "paper", "--wd", 3e-4, "--epochs", 20, *extra)
-    assert a.wd == 3e-4 and a.epochs == 20 and all(0 < m < 20 for m in a.schedule)  # milestones follow --epochs
+    a = _parse_script(monkeypatch, script, "--recipe", "paper", "--wd", 3e-4, "--epochs", 200, *extra)
+    assert a.wd == 3e-4 and a.epochs == 200 and a.schedule == PAPER_AT_200[script]  # milestones follow --epochs
+
+
+# --recipe paper --epochs 200: the paper's milestones scaled from the paper's own epochs (by hand:
+# ONE 151*200/300 = 100.7 -> 101; OKDDip 149*200/300 = 99.3 -> 99; FFSD 225*200/299 = 150.5 -> 151),
+# the protocol's where the paper has none (150, 225 of 300), unchanged where 200 is the paper's length
+PAPER_AT_200 = {"one": [101, 150], "okddip": [99, 149], "ffsd": [100, 151], "ffl": [100, 150],
+                "dml": [60, 120, 180], "sokd": [100, 150], "baseline": [100, 150], "mcl": [100, 150],
+                "pcl": [100, 150], "kdcl": [100, 150], "cl": [100, 150]}
 
 
 def test_norm_cifar10_uses_cifar10_statistics_on_cifar100():
@@ -368,11 +394,16 @@ def test_every_method_runs_end_to_end_with_recipe_paper(data, tmp_path, capsys):
     assert "--recipe 'paper' (checkpoint) vs 'protocol' (now)" in capsys.readouterr().err
 
 
-def test_summarize_shows_the_recipe_when_it_differs(tmp_path):
+def test_summarize_shows_the_recipe_when_it_differs(tmp_path, capsys):
     _fabricate(tmp_path, "a", "one", 0, 70.0, 72.0, recipe="protocol")
     _fabricate(tmp_path, "b", "one", 0, 71.0, 73.0, recipe="paper")
     rows = common.summarize(str(tmp_path), plot=False)
     assert sorted((r["recipe"], r["deploy_mean"]) for r in rows) == [("paper", 71.0), ("protocol", 70.0)]
+    assert capsys.readouterr().out.splitlines()[0].startswith("| method | arch | dataset | recipe |")
+    _fabricate(tmp_path / "same", "s0", "one", 0, 70.0, 72.0, recipe="paper")
+    _fabricate(tmp_path / "same", "s1", "one", 1, 71.0, 73.0, recipe="paper")
+    common.summarize(str(tmp_path / "same"), plot=False)
+    assert "recipe" not in capsys.readouterr().out  # a setting shared by every run is not a column
 
 
 CONV_FAMILIES = ["resnet8", "resnet110b", "wrn_16_2", "wrn_20_8", "vgg8", "densenet40_12", "mobilenetv2"]
@@ -389,6 +420,9 @@ def test_init_is_the_references_he_normal_fan_out(arch):
             target = math.sqrt(2.0 / (k * m.out_channels))
             # the sample std of n normal draws has relative error about 1/sqrt(2n): allow 6 of those
             assert abs(m.weight.std().item() / target - 1) < 6 / math.sqrt(2 * m.weight.numel()), m
+            # normal, not uniform with the same std: ~4.55% of draws lie beyond 2 std (uniform: none), mean ~0
+            w = m.weight.flatten() / target
+            assert 0.03 < (w.abs() > 2).float().mean().item() < 0.062 and abs(w.mean().item()) < 0.15, m
         elif isinstance(m, torch.nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
     fc = net.fc
@@ -542,8 +576,10 @@ def test_existing_run_folder_is_refused_then_force_restarts(data, tmp_path, caps
         run_main("baseline", *args)
     assert "exists; pass --resume" in capsys.readouterr().err
     assert os.path.getmtime(out / "final.json") == stamp  # untouched
+    capsys.readouterr()
     run_main("baseline", *args, "--force")
-    assert len(read_log(out)) == 1
+    assert "--force: starting over in" in capsys.readouterr().out
+    assert len(read_log(out)) == 1 and os.path.getmtime(out / "final.json") != stamp  # a new run wrote it
 
 
 def test_resume_with_other_settings_is_refused_naming_the_mismatch(data, tmp_path, capsys):
@@ -584,6 +620,7 @@ def test_force_starts_over_only_in_a_run_folder_and_says_what_it_removes(data, t
     run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", runs / "a")
     with pytest.raises(SystemExit):
         run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", runs, "--force")
+    assert "not a run folder of this repo" in capsys.readouterr().err
     assert (runs / "a" / "final.json").exists()
     (runs / "a" / "notes.txt").write_text("mine")  # a run folder: only the run's own files go
     capsys.readouterr()
@@ -701,22 +738,30 @@ def test_interrupt_messages_tell_the_truth():
 
 
 def test_two_ctrl_c_stop_at_once_without_a_traceback(data, tmp_path):
-    import signal
-    import time
+    """Two SIGINTs inside one step (sent by the step itself, so the timing is exact): the second stops at
+    once through run()'s KeyboardInterrupt path, not through the first one's end-of-step stop."""
     out = tmp_path / "r"
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"), *map(str, TINY), "--data-dir", data,
-                          "--epochs", "200", "--schedule", "--batch-size", "8", "--out", str(out)], cwd=HERE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "run.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130 and "Traceback" not in stderr, stderr
-    assert "--resume" in stdout + stderr
+    code = (
+        "import os, signal, sys\n"
+        "import baseline\n"
+        "calls = [0]\n"
+        "forward = baseline.Baseline.forward\n"
+        "def twice(self, *a, **k):\n"
+        "    calls[0] += self.training\n"
+        "    if self.training and calls[0] == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return forward(self, *a, **k)\n"
+        "baseline.Baseline.forward = twice\n"
+        f"sys.argv = ['baseline.py', *{[str(a) for a in TINY]!r}, '--data-dir', {str(data)!r}, '--epochs', '3',\n"
+        f"            '--schedule', '--batch-size', '8', '--out', {str(out)!r}]\n"
+        "baseline.main()\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    said = p.stdout + p.stderr
+    assert "Ctrl-C again stops at once" in said and "stopped at once (second Ctrl-C)" in said, said
+    assert "stopped in epoch" not in said  # the first Ctrl-C's path did not get to run
+    assert not (out / "checkpoint.pt").exists()  # stopped inside epoch 1: no epoch was kept
 
 
 @pytest.mark.parametrize("script,bad,msg", [
@@ -1005,16 +1050,17 @@ def test_summarize_csv_stdout_is_only_csv_with_numbers(tmp_path):
     assert int(rows[0]["n"]) == 2
 
 
-def test_summarize_plot_written_or_skipped_cleanly(data, tmp_path, capsys, monkeypatch):
+def test_summarize_plot_written_when_matplotlib_is_installed(data, tmp_path):
+    pytest.importorskip("matplotlib")  # optional: shows as skipped where it is not installed
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "runs" / "b")
+    assert common._plot(str(tmp_path / "runs")) == str(tmp_path / "runs" / "curves.png")
+    assert (tmp_path / "runs" / "curves.png").stat().st_size > 0
+
+
+def test_summarize_plot_skipped_cleanly_without_matplotlib(data, tmp_path, capsys, monkeypatch):
     run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "runs" / "b")
     capsys.readouterr()
-    try:
-        import matplotlib  # noqa: F401
-        assert common._plot(str(tmp_path / "runs")) == str(tmp_path / "runs" / "curves.png")
-        assert (tmp_path / "runs" / "curves.png").stat().st_size > 0
-    except ImportError:
-        pass
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed (it is optional)
     assert common._plot(str(tmp_path / "runs")) is None
     assert "pip install matplotlib" in capsys.readouterr().err
 
@@ -2513,6 +2559,8 @@ def test_cl_resume_reproduces_an_uninterrupted_run(data, tmp_path):
         assert r.returncode == 0, r.stderr
         if "--halt-after" in extra:
             assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+        if "--resume" in extra:  # it continued (a silent restart would give the same weights on the CPU)
+            assert f"resumed {b} from the checkpoint of epoch 1: continuing with epoch 2" in r.stdout and [int(x["epoch"]) for x in read_log(b)] == [1, 2]
     wa, wb = _cl_weights(a), _cl_weights(b)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert read_final(a)["last"] == read_final(b)["last"]
@@ -2801,6 +2849,7 @@ def test_okddip_resume_reproduces_an_uninterrupted_run(_okddip_okd_data, tmp_pat
     assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
     r = run_cli("okddip", *args, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed {b} from the checkpoint of epoch 1: continuing with epoch 2" in r.stdout and [int(x["epoch"]) for x in read_log(b)] == [1, 2]
     wa = common.load_checkpoint(os.path.join(_okddip_okd_run, "checkpoint.pt"))["model"]
     wb = common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]
     assert set(wa) == set(wb) and "query.weight" in wa and "key.weight" in wa
@@ -2811,7 +2860,7 @@ def test_okddip_resume_reproduces_an_uninterrupted_run(_okddip_okd_data, tmp_pat
 @pytest.mark.parametrize("bad,msg", [(["--peers", 1], "--peers must be at least 2"),
                                      (["--arch", "resnet8,resnet14"], "give a single --arch"),
                                      (["--T", 0], "--T must be positive"),
-                                     (["--rampup", -1], "--rampup")])
+                                     (["--rampup", -1], "argument --rampup: -1 must be non-negative")])
 def test_okddip_bad_options_are_refused(bad, msg, _okddip_okd_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main("okddip", *TINY, *bad, "--data-dir", _okddip_okd_data, "--out", tmp_path / "x")
