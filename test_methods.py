@@ -83,6 +83,13 @@ def read_log(out):
         return list(csv.DictReader(f))
 
 
+def assert_continued_after_epoch_1(stdout, out):
+    """A resume that continued (a silent restart would give the same weights on the CPU): the message and
+    one log row per epoch."""
+    assert f"resumed {out} from the checkpoint of epoch 1: continuing with epoch 2" in stdout
+    assert [int(r["epoch"]) for r in read_log(out)] == [1, 2]
+
+
 TINY = ["--arch", "resnet8", "--batch-size", "64", "--gpus", "cpu", "--lr", "0.05"]
 
 
@@ -352,6 +359,14 @@ PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest bein
 }
 
 
+# --recipe paper --epochs 200: the paper's milestones scaled from the paper's own epochs (by hand:
+# ONE 151*200/300 = 100.7 -> 101; OKDDip 149*200/300 = 99.3 -> 99; FFSD 225*200/299 = 150.5 -> 151),
+# the protocol's where the paper has none (150, 225 of 300), unchanged where 200 is the paper's length
+PAPER_AT_200 = {"one": [101, 150], "okddip": [99, 149], "ffsd": [100, 151], "ffl": [100, 150],
+                "dml": [60, 120, 180], "sokd": [100, 150], "baseline": [100, 150], "mcl": [100, 150],
+                "pcl": [100, 150], "kdcl": [100, 150], "cl": [100, 150]}
+
+
 @pytest.mark.parametrize("script", sorted(PAPER_RECIPES))
 def test_recipe_paper_sets_the_official_values_and_given_options_win(script, monkeypatch):
     extra = ["--teacher-arch", "resnet8", "--bench", 1] if script == "sokd" else []
@@ -363,13 +378,6 @@ def test_recipe_paper_sets_the_official_values_and_given_options_win(script, mon
     a = _parse_script(monkeypatch, script, "--recipe", "paper", "--wd", 3e-4, "--epochs", 200, *extra)
     assert a.wd == 3e-4 and a.epochs == 200 and a.schedule == PAPER_AT_200[script]  # milestones follow --epochs
 
-
-# --recipe paper --epochs 200: the paper's milestones scaled from the paper's own epochs (by hand:
-# ONE 151*200/300 = 100.7 -> 101; OKDDip 149*200/300 = 99.3 -> 99; FFSD 225*200/299 = 150.5 -> 151),
-# the protocol's where the paper has none (150, 225 of 300), unchanged where 200 is the paper's length
-PAPER_AT_200 = {"one": [101, 150], "okddip": [99, 149], "ffsd": [100, 151], "ffl": [100, 150],
-                "dml": [60, 120, 180], "sokd": [100, 150], "baseline": [100, 150], "mcl": [100, 150],
-                "pcl": [100, 150], "kdcl": [100, 150], "cl": [100, 150]}
 
 
 def test_norm_cifar10_uses_cifar10_statistics_on_cifar100():
@@ -2559,8 +2567,8 @@ def test_cl_resume_reproduces_an_uninterrupted_run(data, tmp_path):
         assert r.returncode == 0, r.stderr
         if "--halt-after" in extra:
             assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
-        if "--resume" in extra:  # it continued (a silent restart would give the same weights on the CPU)
-            assert f"resumed {b} from the checkpoint of epoch 1: continuing with epoch 2" in r.stdout and [int(x["epoch"]) for x in read_log(b)] == [1, 2]
+        if "--resume" in extra:
+            assert_continued_after_epoch_1(r.stdout, b)
     wa, wb = _cl_weights(a), _cl_weights(b)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert read_final(a)["last"] == read_final(b)["last"]
@@ -2849,7 +2857,7 @@ def test_okddip_resume_reproduces_an_uninterrupted_run(_okddip_okd_data, tmp_pat
     assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
     r = run_cli("okddip", *args, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed {b} from the checkpoint of epoch 1: continuing with epoch 2" in r.stdout and [int(x["epoch"]) for x in read_log(b)] == [1, 2]
+    assert_continued_after_epoch_1(r.stdout, b)
     wa = common.load_checkpoint(os.path.join(_okddip_okd_run, "checkpoint.pt"))["model"]
     wb = common.load_checkpoint(os.path.join(b, "checkpoint.pt"))["model"]
     assert set(wa) == set(wb) and "query.weight" in wa and "key.weight" in wa
