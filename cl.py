@@ -24,7 +24,7 @@ Deviations from the paper, and choices (no official code; the public re-implemen
      backpropagation rescaling that aggregates the heads' gradient flows into the shared layers.
      NOT confirmed in the paper's text: T = 2, beta = 0.5 (hard and soft weights summing to 1),
      the T^2 factor, the split points, and that 4 heads with hierarchical sharing is its best
-     setting (second-hand: the project's METHODS.md, and MCL-OKD's choice). T = 2 and beta = 0.5 are where two re-implementations agree,
+     setting (second-hand: this project's method notes, and MCL-OKD's choice). T = 2 and beta = 0.5 are where two re-implementations agree,
      both written after the paper: winycg/MCL-OKD main_cifar_cl_ilr.py (--kd_T 2; 0.5 CE + 0.5
      T^2 KL per head) and qq456cvb/Collaborative-Learning main.py (T = 2, beta = 0.5).
   2. The soft target t_h is detached, as in MCL-OKD; qq456cvb's README lists its gradient through

@@ -58,7 +58,7 @@ logits, the fused classifier's KD target (the official "Ensemble Acc" adds up th
 oracle, not reproduced).
 
     python ffsd.py --arch resnet32 --dataset cifar100 --gpus 0
-    python ffsd.py --arch resnet32 --wd 1e-4 --epochs 299 --schedule 150 225     # the official recipe
+    python ffsd.py --arch resnet32 --recipe paper     # the official recipe (wd 1e-4, 299 epochs, reflect)
 """
 import math
 
@@ -274,24 +274,19 @@ PAPER = dict(wd=1e-4, fusion_wd=1e-5, epochs=299, schedule=[150, 225], padding="
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--students", type=int, default=2, help="number of students M (official --model_num)")
-    common.add_arg(p, "--T", type=float, default=2.0, help="distillation temperature")
+    common.add_arg(p, "--students", type=int, default=2, check="two+", help="number of students M (official --model_num)")
+    common.add_arg(p, "--T", type=float, default=2.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--warmup", 5, "epochs of the warm-up of lambda-div, -fusion and -sd; 0: none")
-    common.add_arg(p, "--lambda-div", type=float, default=1e-5, help="weight of the diversity and the students' "
+    common.add_arg(p, "--lambda-div", type=float, default=1e-5, check="nonneg", help="weight of the diversity and the students' "
                    "self-distillation terms")
-    common.add_arg(p, "--lambda-fusion", type=float, default=10.0, help="weight of the leader's feature terms")
-    common.add_arg(p, "--lambda-sd", type=float, default=1000.0, help="weight of the decoders' reconstruction")
-    common.add_arg(p, "--fusion-wd", type=float, default=1e-5, help="weight decay of the fusion module")
-    common.add_arg(p, "--decoder-lr", type=float, default=1e-3, help="Adam lr of the self-distillation decoders")
-    common.add_arg(p, "--decoder-wd", type=float, default=1e-4, help="Adam weight decay of the decoders")
+    common.add_arg(p, "--lambda-fusion", type=float, default=10.0, check="nonneg", help="weight of the leader's feature terms")
+    common.add_arg(p, "--lambda-sd", type=float, default=1000.0, check="nonneg", help="weight of the decoders' reconstruction")
+    common.add_arg(p, "--fusion-wd", type=float, default=1e-5, check="nonneg", help="weight decay of the fusion module")
+    common.add_arg(p, "--decoder-lr", type=float, default=1e-3, check="positive", help="Adam lr of the self-distillation decoders")
+    common.add_arg(p, "--decoder-wd", type=float, default=1e-4, check="nonneg", help="Adam weight decay of the decoders")
     args = common.parse(p, "ffsd", paper=PAPER)
     if "," in args.arch:
         p.error("ffsd.py trains students and a leader of one architecture: give a single --arch")
-    if args.students < 2:
-        p.error("--students must be at least 2")
-    if args.T <= 0 or args.decoder_lr <= 0 or min(args.warmup, args.lambda_div, args.lambda_fusion, args.lambda_sd,
-                                                   args.fusion_wd, args.decoder_wd) < 0:
-        p.error("--T and --decoder-lr must be positive, --warmup, the lambdas and the weight decays non-negative")
     common.run(args, FFSD)
 
 

@@ -28,7 +28,7 @@ Gradient flow, which term trains which module (the official code detaches nothin
 
 Deviations from the paper and the official code (DefangChen/OKDDip), and choices:
   - Targets aggregate logits, as the official code (resnet_GL.py line 240: x_m = bmm(logits, alpha^T));
-    the paper writes the aggregation over softened predictions (METHODS.md section 10).
+    the paper writes the aggregation over softened predictions (Chen et al., AAAI 2020, arXiv 1912.00350).
   - Projections: query and key Linear(C, C // 8, bias=False) shared by the peers (official factor 8,
     resnet_GL.py lines 144-145: Linear(64, 8) for resnet32, Linear(256, 32) for resnet110b), on the
     pooled features; no 1/sqrt(d) scaling (resnet_GL.py lines 238-239). PyTorch's default Linear
@@ -138,16 +138,12 @@ PAPER = dict(schedule=[149, 224])
 
 def main():
     p = common.parser(__doc__)
-    common.add_arg(p, "--peers", type=int, default=3, help="auxiliary peers m (the leader is one more)")
-    common.add_arg(p, "--T", type=float, default=3.0, help="distillation temperature")
+    common.add_arg(p, "--peers", type=int, default=3, check="two+", help="auxiliary peers m (the leader is one more)")
+    common.add_arg(p, "--T", type=float, default=3.0, check="positive", help="distillation temperature")
     common.add_epochs_arg(p, "--rampup", 80, "epochs of the sigmoid ramp-up of both KD weights; 0: none")
     args = common.parse(p, "okddip", paper=PAPER)
     if "," in args.arch:
         p.error("okddip.py builds one multi-branch network: give a single --arch")
-    if args.peers < 2:
-        p.error("--peers must be at least 2")
-    if args.T <= 0 or args.rampup < 0:
-        p.error("--T must be positive and --rampup non-negative")
     common.run(args, OKDDip)
 
 

@@ -14,8 +14,8 @@ Deviations from the paper and the official code (Lan1991Xu/ONE_NeurIPS2018), and
     code's; the paper does not mention a ramp-up. Left out, --rampup is 80/300 of --epochs (README
     "Shorter runs"), so a 10-epoch run still ramps up instead of staying near w = 0.007.
   - Recipe: the CIFAR protocol (wd 5e-4, Nesterov, x0.1 at 150/225, per-dataset normalisation). The
-    official scripts use wd 1e-4, no Nesterov, drops at 151/225 and CIFAR-10 statistics for every
-    dataset: pass --wd 1e-4 --no-nesterov to match the optimiser.
+    official scripts use wd 1e-4, no Nesterov, drops at 151/225 and, on every dataset, the CIFAR-10 mean
+    with the std (0.2023, 0.1994, 0.2010): `--recipe paper` sets all of these (--norm cifar10-legacy).
   - Pitfall: the official "ResNet-110" is a 164-layer net (Bottleneck blocks, n = 18 per stage,
     1.73M parameters), not He et al.'s BasicBlock resnet110 here (also 1.73M) nor resnet110b
     (the PCL/OKDDip Bottleneck [12,12,12]). Compare ResNet-110 numbers with that in mind.

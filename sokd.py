@@ -39,9 +39,8 @@ configs/sokd.yaml), and choices where the spec was open:
      Official configs/sokd.yaml sets lr_auxiliary 0.1 = lr (the trainer's fallback 0.05 is unused).
   6. Recipe: the shared protocol (300 epochs, x0.1 at 150/225, Nesterov, zero padding, CIFAR-100
      mean/std) instead of the official 200 epochs, lr 0.1 x0.1 at 100/150, wd 5e-4, no Nesterov,
-     reflect padding, and CIFAR-10 mean/std on CIFAR-100 (a quirk of their dataset code, not
-     copied). To match the schedule: --epochs 200 --schedule 100 150 --no-nesterov (padding and
-     normalisation are not configurable here). T = 4 and all loss weights 1 as in the official code.
+     reflect padding, and CIFAR-10 mean/std on CIFAR-100 (a quirk of their dataset code). `--recipe paper`
+     sets all of these (--epochs 200 --schedule 100 150 --no-nesterov --padding reflect --norm cifar10). T = 4 and all loss weights 1 as in the official code.
   7. The reported number is the last epoch's student; the official code logs the best epoch on the
      test set and saves the KBM of its best test epoch.
   8. --bench with no teacher checkpoint times SOKD with a randomly initialised teacher (the step

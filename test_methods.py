@@ -102,7 +102,7 @@ def data(tmp_path_factory):
 # backbones
 # ------------------------------------------------------------------------------------------------
 
-# parameter counts with a CIFAR-100 head: the literature's numbers (METHODS.md), within 1%
+# parameter counts with a CIFAR-100 head: the numbers of the ResNet, WRN and online-KD papers' tables, within 1%
 LITERATURE = {"resnet32": 0.47e6, "resnet56": 0.86e6, "resnet110": 1.73e6, "resnet110b": 1.17e6,
               "wrn_16_2": 0.70e6, "wrn_40_2": 2.26e6, "wrn_28_10": 36.5e6, "wrn_20_8": 6.87e6}
 
@@ -2865,9 +2865,9 @@ def test_okddip_resume_reproduces_an_uninterrupted_run(_okddip_okd_data, tmp_pat
     assert read_final(_okddip_okd_run)["last"] == read_final(b)["last"]
 
 
-@pytest.mark.parametrize("bad,msg", [(["--peers", 1], "--peers must be at least 2"),
+@pytest.mark.parametrize("bad,msg", [(["--peers", 1], "argument --peers: 1 must be at least 2"),
                                      (["--arch", "resnet8,resnet14"], "give a single --arch"),
-                                     (["--T", 0], "--T must be positive"),
+                                     (["--T", 0], "argument --T: 0.0 must be positive"),
                                      (["--rampup", -1], "argument --rampup: -1 must be non-negative")])
 def test_okddip_bad_options_are_refused(bad, msg, _okddip_okd_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -3305,10 +3305,11 @@ def test_ffsd_resume_reproduces_an_uninterrupted_run(data, tmp_path):
     assert read_final(a)["last"] == read_final(b)["last"]
 
 
-@pytest.mark.parametrize("bad,msg", [(["--students", "1"], "--students must be at least 2"),
+@pytest.mark.parametrize("bad,msg", [(["--students", "1"], "argument --students: 1 must be at least 2"),
                                      (["--arch", "resnet8,resnet14"], "give a single --arch"),
-                                     (["--lambda-div", "-1"], "the lambdas and the weight decays non-negative"),
-                                     (["--decoder-lr", "0"], "--decoder-lr must be positive")])
+                                     (["--lambda-div", "-1"], "argument --lambda-div: -1.0 must be non-negative"),
+                                     (["--decoder-lr", "0"], "argument --decoder-lr: 0.0 must be positive"),
+                                     (["--fusion-wd", "-0.5"], "argument --fusion-wd: -0.5 must be non-negative")])
 def test_ffsd_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main("ffsd", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
