@@ -2472,22 +2472,22 @@ def test_cl_odd_heads_last_one_alone_on_its_stage2_copy():
 # the loss
 # ------------------------------------------------------------------------------------------------
 
-_Z = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]],
+_CL_Z = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]],
       [[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]],
       [[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]],
       [[-1.0, 0.5, 0.5], [0.3, 0.2, -0.4]]]
-_Y = [1, 2]
+_CL_Y = [1, 2]
 
 
 @pytest.mark.parametrize("T,beta", [(2.0, 0.5), (3.0, 0.3)])
 def test_cl_loss_matches_hand_computation(T, beta):
-    H = len(_Z)
+    H = len(_CL_Z)
     # t_h by hand: the mean of the other three heads' logits, entry by entry
-    t = [[[sum(_Z[j][r][c] for j in range(H) if j != h) / (H - 1) for c in range(3)] for r in range(2)]
+    t = [[[sum(_CL_Z[j][r][c] for j in range(H) if j != h) / (H - 1) for c in range(3)] for r in range(2)]
          for h in range(H)]
-    ce = beta * sum(_hand_ce(_Z[h], _Y) for h in range(H))
-    kl = (1 - beta) * sum(_hand_kd(_Z[h], t[h], T) for h in range(H))
-    total, terms = cl.cl_loss([torch.tensor(z) for z in _Z], torch.tensor(_Y), T, beta)
+    ce = beta * sum(_hand_ce(_CL_Z[h], _CL_Y) for h in range(H))
+    kl = (1 - beta) * sum(_hand_kd(_CL_Z[h], t[h], T) for h in range(H))
+    total, terms = cl.cl_loss([torch.tensor(z) for z in _CL_Z], torch.tensor(_CL_Y), T, beta)
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert terms["kd"].item() == pytest.approx(kl, rel=1e-5)
     assert total.item() == pytest.approx(ce + kl, rel=1e-5)
@@ -2497,8 +2497,8 @@ def test_cl_loss_matches_hand_computation(T, beta):
 def test_cl_kd_sends_no_gradient_into_the_heads_that_make_the_target():
     T, beta = 2.0, 0.5
     # on leaf logits: d kd / d z_j is the gradient of head j's own soft loss only, with t_j a constant
-    z = [torch.tensor(v, requires_grad=True) for v in _Z]
-    _, terms = cl.cl_loss(z, torch.tensor(_Y), T, beta)
+    z = [torch.tensor(v, requires_grad=True) for v in _CL_Z]
+    _, terms = cl.cl_loss(z, torch.tensor(_CL_Y), T, beta)
     terms["kd"].backward()
     for j in range(4):
         zj = z[j].detach().requires_grad_()
@@ -3010,12 +3010,6 @@ def test_ffsd_at_sd_and_decoder_losses_match_hand_computations():
     rec = sum(_ffsd_hand_at(rows(d), rows(m)) + _ffsd_hand_at(_ffsd_hand_attention(d), _ffsd_hand_attention(m))
               for d, m in zip(targets, maps))
     assert ffsd.decoder_loss(targets, maps).item() == pytest.approx(rec, rel=1e-5)
-
-
-_Z1 = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
-_Z2 = torch.tensor([[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]])
-_Z3 = torch.tensor([[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]])
-_Y = torch.tensor([1, 2])
 
 
 def _ffsd_maps(g, B=2):
