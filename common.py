@@ -47,6 +47,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -692,6 +693,9 @@ def parser(description):
     """The protocol's command-line options; a method adds its own before parse()."""
     p = argparse.ArgumentParser(description=description.split("\n\n")[0], allow_abbrev=False,  # exact names:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)      # see _given()
+    # a negative value in exponent form (--wd -1e-5) is a value, not an unknown option: argparse before
+    # Python 3.13 knows only -1 and -0.5, and would answer "expected one argument" instead of the check's line
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
     add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
             help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")

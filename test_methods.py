@@ -776,6 +776,8 @@ def test_two_ctrl_c_stop_at_once_without_a_traceback(data, tmp_path):
     ("dml", ["--lr", "nan"], "argument --lr: nan is not a finite number"),
     ("dml", ["--lr", "inf"], "argument --lr: inf is not a finite number"),
     ("dml", ["--wd", "-1"], "argument --wd: -1.0 must be non-negative"),
+    ("dml", ["--wd", "-1e-5"], "argument --wd: -1e-05 must be non-negative"),
+    ("ffl", ["--fusion-wd", "-.5E-3"], "argument --fusion-wd: -0.0005 must be non-negative"),
     ("dml", ["--momentum", "-5"], "argument --momentum: -5.0 must lie in [0, 1)"),
     ("dml", ["--T", "-1"], "argument --T: -1.0 must be positive"),
     ("dml", ["--peers", "1"], "argument --peers: 1 must be at least 2"),
