@@ -604,6 +604,7 @@ def test_resume_with_other_settings_is_refused_naming_the_mismatch(data, tmp_pat
     assert "--arch 'resnet8' (checkpoint) vs 'resnet14' (now)" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the garbage starts like a pickle
 def test_resume_without_checkpoint_starts_the_run_and_garbage_is_a_clear_error(data, tmp_path, capsys):
     out = tmp_path / "r"  # no folder yet: --resume starts it (the reproduction loop always passes --resume)
     run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", out, "--resume")
