@@ -52,6 +52,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -815,7 +816,7 @@ def _merge_stored(p, args, given):
     for k, v in stored.items():
         if k in INHERITED and k not in given:  # how it ran: the same unless told otherwise
             setattr(args, k, v)
-        if k in RUN_CONTROL or k in ("method", "resolved"):
+        if k in RUN_CONTROL or k in ("method", "resolved", "data", "machine"):  # records, not options
             continue
         if k not in given:
             setattr(args, k, v)
@@ -1183,6 +1184,7 @@ def _train(rank, world, args, Method, out, data, device):
     views = getattr(model, "views", 1)
 
     # ---- data: the holdout (KDCL-general) comes off the training split with a fixed permutation
+    identity = data_identity(args, data)  # before the holdout and the split between processes
     if args.bench:  # synthetic data already on the device, no dataset needed
         gen = torch.Generator().manual_seed(0)
         size = args.image_size or 32  # imagenet: synthetic squares of --image-size through the on-device Loader
@@ -1233,7 +1235,9 @@ def _train(rank, world, args, Method, out, data, device):
     if rank == 0:
         # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's
         # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
-        atomic_json({**_plain_args(args), "resolved": resolved}, os.path.join(out, "run.json"))
+        atomic_json({**_plain_args(args), "resolved": resolved, "data": identity,
+                     "machine": machine_info(device)},
+                    os.path.join(out, "run.json"))
         _write_log(out, history)
         print(describe_schedule(args, resolved))  # the first line: what this run is
         if getattr(args, "extended_from", None):
@@ -1320,7 +1324,7 @@ def _train(rank, world, args, Method, out, data, device):
             dist.all_gather_object(gathered, sums[0])
             sums = gathered
         if rank == 0:
-            _final(args, out, model, history, sums, device, train_top1, resolved)
+            _final(args, out, model, history, sums, device, train_top1, resolved, identity)
 
 
 def train_step(model, step_model, opts, x, y, idx, epoch, amp):
@@ -1341,6 +1345,44 @@ def train_step(model, step_model, opts, x, y, idx, epoch, amp):
 
 def _plain_args(args):
     return {k: v for k, v in vars(args).items() if k != "devices"}
+
+
+def data_identity(args, data):
+    """What identifies a run's data, for its record and for --resume: the data set, the number of
+    training and test images, and a checksum of the training labels in their order."""
+    import hashlib
+    if data is None:
+        return None
+    train, test = (data[0], data[1]) if args.dataset == "imagenet" else (data[1], data[3])
+    labels = [t[1] for t in train] if args.dataset == "imagenet" else train.tolist()
+    return {"dataset": args.dataset, "train_images": len(labels), "test_images": len(test),
+            "labels_sha256": hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]}
+
+
+def machine_info(device):
+    """Where a run ran, for its record: the GPU's name or the CPU's model, torch/CUDA/cuDNN/Python
+    versions, threads, and the git commit of this file's folder ("+dirty" when tracked files differ;
+    None when it is not a git checkout, e.g. a method file copied elsewhere)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    commit, here = None, os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "HEAD")
+        if head.returncode == 0:
+            commit = head.stdout.strip()[:12] + ("+dirty" if git("status", "--porcelain", "-uno").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.startswith("cuda") else None,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "commit": commit}
 
 
 @torch.no_grad()
@@ -1446,7 +1488,7 @@ class Progress:
 TRAIN_EVAL_IMAGES = 10_000  # final.json's "train_last": top-1 on the first (un-augmented) training images
 
 
-def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None):
+def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None, identity=None):
     heads = [k for k in history[-1] if k in model.head_params()]
     best = {h: max(((r[h], r["epoch"]) for r in history if r[h] is not None), key=lambda t: t[0]) for h in heads}
     final = {"method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
@@ -1458,7 +1500,8 @@ def _final(args, out, model, history, rank_sums, device, train_top1=None, resolv
              "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
              "processes": len(rank_sums), "rank_param_sums": rank_sums,
              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
-             "args": _plain_args(args)}
+             "data": identity,
+             "machine": machine_info(device), "args": _plain_args(args)}
     atomic_json(final, os.path.join(out, "final.json"))
     d = model.deploy
     others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
@@ -1546,7 +1589,7 @@ def _mean_std(vals):
 
 # settings that do not make two runs different experiments: the seed, how they were run, what was derived
 # (and SOKD's teacher checkpoint path: one per seed; the teacher's architecture, teacher_arch, stays a setting)
-NOT_SETTINGS = RUN_CONTROL | {"seed", "scaled", "extended_from", "resolved", "devices", "teacher"}
+NOT_SETTINGS = RUN_CONTROL | {"seed", "scaled", "extended_from", "resolved", "devices", "teacher", "machine", "data"}
 
 
 def _read_runs(root):
