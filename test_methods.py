@@ -30,6 +30,7 @@ import okddip
 import one
 import pcl
 import sokd
+import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -230,6 +231,41 @@ def test_cifar10_layout_reads(tmp_path):
     assert tx.shape == (100, 3, 32, 32) and vx.shape == (20, 3, 32, 32) and ty.max() < 10
 
 
+def test_cifar10_from_jpeg_work_tree_and_git_give_the_same_files_that_load_cifar_reads(tmp_path):
+    """The laptop table's data tool: the first N JPEGs of every class, classes interleaved by a fixed
+    permutation, pixels in CIFAR's channel-major layout; a clone's folder and its git directory give the
+    same bytes; too few images is one line naming the option."""
+    import cifar10_from_jpeg as c10
+    src, rng = tmp_path / "CIFAR-10-images", np.random.RandomState(0)
+    pixels = {}
+    for split, n in (("train", 3), ("test", 2)):
+        for c, name in enumerate(c10.CLASSES):
+            (src / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = np.full((32, 32, 3), 20 * c + i, np.uint8)  # flat colours survive JPEG almost exactly
+                Image.fromarray(img).save(src / split / name / f"{i:04d}.jpg", quality=95)
+                pixels[(split, c, i)] = img
+    c10.write(str(src), str(tmp_path / "tree"), per_class_train=3, per_class_test=2)
+    tx, ty, vx, vy = common.load_cifar("cifar10", str(tmp_path / "tree"))
+    assert tx.shape == (30, 3, 32, 32) and vx.shape == (20, 3, 32, 32)
+    assert sorted(ty.tolist()) == sorted(list(range(10)) * 3) and ty[:10].tolist() != sorted(ty[:10].tolist())
+    assert (np.asarray(ty) == np.asarray(c10.read_split(str(src), "train", 3)[1])).all()
+    for k in range(30):  # every image is its class's colour: labels travel with their pixels
+        assert abs(float(np.asarray(tx[k]).mean()) - (20 * int(ty[k]) + 1)) <= 2
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the git-directory path is not tested")
+    git = lambda *a: subprocess.run(["git", "-C", str(src), *a], capture_output=True, check=True)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "images")
+    c10.write(str(src / ".git"), str(tmp_path / "git"), per_class_train=3, per_class_test=2)
+    for f in ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"):
+        assert (tmp_path / "git" / "cifar-10-batches-py" / f).read_bytes() == \
+            (tmp_path / "tree" / "cifar-10-batches-py" / f).read_bytes()
+    r = run_cli("cifar10_from_jpeg", src, tmp_path / "more", "--per-class-train", 4)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--per-class-train" in r.stderr
+
+
 def test_ramp_up_values():
     assert common.ramp_up(0) == pytest.approx(math.exp(-5))
     assert common.ramp_up(40) == pytest.approx(math.exp(-5 * 0.25))
@@ -405,12 +441,12 @@ def test_every_method_runs_end_to_end_with_recipe_paper(data, tmp_path, capsys):
 def test_summarize_shows_the_recipe_when_it_differs(tmp_path, capsys):
     _fabricate(tmp_path, "a", "one", 0, 70.0, 72.0, recipe="protocol")
     _fabricate(tmp_path, "b", "one", 0, 71.0, 73.0, recipe="paper")
-    rows = common.summarize(str(tmp_path), plot=False)
+    rows = summarize.summarize(str(tmp_path), plot=False)
     assert sorted((r["recipe"], r["deploy_mean"]) for r in rows) == [("paper", 71.0), ("protocol", 70.0)]
     assert capsys.readouterr().out.splitlines()[0].startswith("| method | arch | dataset | recipe |")
     _fabricate(tmp_path / "same", "s0", "one", 0, 70.0, 72.0, recipe="paper")
     _fabricate(tmp_path / "same", "s1", "one", 1, 71.0, 73.0, recipe="paper")
-    common.summarize(str(tmp_path / "same"), plot=False)
+    summarize.summarize(str(tmp_path / "same"), plot=False)
     assert "recipe" not in capsys.readouterr().out  # a setting shared by every run is not a column
 
 
@@ -998,16 +1034,19 @@ def test_sync_counter_detects_a_sync(monkeypatch, tmp_path):
 # summarize
 # ------------------------------------------------------------------------------------------------
 
-def _fabricate(root, name, method, seed, deploy_acc, ens_acc, finished=True, epochs=300, **args):
+def _fabricate(root, name, method, seed, deploy_acc, ens_acc, finished=True, epochs=300, data=None, machine=None,
+               **args):
+    """A run folder as a run writes it: run.json (the arguments + records), final.json when finished."""
     d = root / name
     d.mkdir(parents=True)
     meta = {"method": method, "arch": "resnet32", "dataset": "cifar100", "epochs": epochs, "seed": seed,
             "lr": 0.1, "gpus": "0", "out": str(d), **args}
-    (d / "run.json").write_text(json.dumps(meta))
+    records = {"data": data, "machine": machine}
+    (d / "run.json").write_text(json.dumps({**meta, **records}))
     if finished:
         fin = {**{k: meta[k] for k in ("method", "arch", "dataset", "epochs", "seed")}, "deploy": "peer1",
                "last": {"peer1": deploy_acc, "peer2": 1.0, "ensemble": ens_acc}, "train_last": {"peer1": 99.0},
-               "params": {"peer1": 470000}, "seconds": 100.0, "device": "cpu", "args": meta}
+               "params": {"peer1": 470000}, "seconds": 100.0, "device": "cpu", **records, "args": meta}
         (d / "final.json").write_text(json.dumps(fin))
 
 
@@ -1016,23 +1055,121 @@ def test_summarize_means_stds_and_unfinished_runs(tmp_path, capsys):
     _fabricate(tmp_path, "dml-s1", "dml", 1, 72.0, 74.0, gpus="0,1")  # how it ran does not split a group
     _fabricate(tmp_path, "dml-s2", "dml", 2, 0, 0, finished=False)
     _fabricate(tmp_path, "kdcl-s0", "kdcl", 0, 0, 0, finished=False)
-    rows = common.summarize(str(tmp_path), plot=False)
+    rows = summarize.summarize(str(tmp_path), plot=False)
     assert len(rows) == 2
     dml = next(r for r in rows if r["method"] == "dml")
     assert (dml["deploy_mean"], dml["deploy_std"], dml["n"]) == (71.0, round(math.sqrt(2), 2), 2)
     assert (dml["ensemble_mean"], dml["ensemble_std"]) == (73.0, round(math.sqrt(2), 2))
-    assert dml["running"] == 1 and dml["params"] == 470000 and dml["train_top1_mean"] == 99.0
+    assert (dml["running"], dml["stopped"]) == (0, 1)  # no process holds its lock: stopped, not running
+    assert dml["params"] == 470000 and dml["train_top1_mean"] == 99.0
     kdcl = next(r for r in rows if r["method"] == "kdcl")
-    assert kdcl["running"] == 1 and kdcl["n"] == 0 and kdcl["deploy_mean"] is None
+    assert kdcl["stopped"] == 1 and kdcl["n"] == 0 and kdcl["deploy_mean"] is None
     out = capsys.readouterr().out
     assert "| dml | resnet32 | cifar100 | peer1 | 71.00 ± 1.41 (n=2) | 73.00 ± 1.41 | 99.00 |" in out
+
+
+def test_summarize_tells_running_from_stopped_by_the_folder_lock(tmp_path, capsys):
+    """An unfinished run is "running" while a process holds its folder's lock, "stopped" otherwise."""
+    import fcntl
+    _fabricate(tmp_path, "dml-s0", "dml", 0, 0, 0, finished=False)
+    fd = os.open(tmp_path / "dml-s0" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what common._lock_run_dir holds for a run's whole life
+    try:
+        (row,) = summarize.summarize(str(tmp_path), plot=False)
+        assert (row["running"], row["stopped"]) == (1, 0)
+        assert capsys.readouterr().out.splitlines()[0].endswith("| running | stopped |")
+    finally:
+        os.close(fd)  # the process ended: the OS releases the lock
+    (row,) = summarize.summarize(str(tmp_path), plot=False)
+    assert (row["running"], row["stopped"]) == (0, 1)
+
+
+def test_summarize_never_merges_runs_on_other_data_and_splits_machines_when_asked(tmp_path, capsys):
+    """Same options, other data (number of training images, label checksum): two rows, the data a column.
+    Other machines: one row unless --by-machine."""
+    cpu = {"device": "Xeon", "torch": "2.14.1", "threads": 1}
+    _fabricate(tmp_path, "a", "dml", 0, 50.0, 50.0, data={"train_images": 512, "labels_sha256": "aa"}, machine=cpu)
+    _fabricate(tmp_path, "b", "dml", 1, 80.0, 80.0, data={"train_images": 50000, "labels_sha256": "bb"}, machine=cpu)
+    _fabricate(tmp_path, "c", "dml", 2, 82.0, 82.0, data={"train_images": 50000, "labels_sha256": "bb"},
+               machine={**cpu, "device": "NVIDIA H200"})
+    rows = summarize.summarize(str(tmp_path), plot=False)
+    assert sorted((r["n"], r["deploy_mean"]) for r in rows) == [(1, 50.0), (2, 81.0)]
+    assert "| data |" in capsys.readouterr().out.splitlines()[0]
+    rows = summarize.summarize(str(tmp_path), plot=False, by_machine=True)
+    assert sorted((r["n"], r["deploy_mean"]) for r in rows) == [(1, 50.0), (1, 80.0), (1, 82.0)]
+
+
+def test_summarize_skips_a_non_number_and_an_empty_folder_is_one_line(tmp_path, capsys):
+    _fabricate(tmp_path, "good", "dml", 0, 70.0, 72.0)
+    _fabricate(tmp_path, "nan", "dml", 1, float("nan"), 72.0)
+    _fabricate(tmp_path, "text", "dml", 2, "70.0", 72.0)
+    (row,) = summarize.summarize(str(tmp_path), plot=False)
+    assert row["n"] == 1 and row["deploy_mean"] == 70.0
+    assert capsys.readouterr().err.count("warning: skipped") == 2
+    (tmp_path / "empty" / "nested").mkdir(parents=True)  # e.g. one level too high: no run folder directly under it
+    r = run_cli("summarize", tmp_path / "empty")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "holds no run folders" in r.stderr
+
+
+def test_curves_one_colour_per_experiment_every_run_drawn(tmp_path):
+    """curves.png's series: every finished run, a 1-epoch run too (one point); runs of one experiment share a
+    colour, experiments with other settings (here: --epochs) never do, and neighbours differ."""
+    for name, method, seed, epochs in [("d0", "dml", 0, 3), ("d1", "dml", 1, 3), ("d2", "dml", 0, 1),
+                                       ("k0", "kdcl", 0, 3)]:
+        _fabricate(tmp_path, name, method, seed, 60.0, 61.0, epochs=epochs)
+        rows = "".join(f"{e},{50 + e}\n" for e in range(1, epochs + 1))
+        (tmp_path / name / "log.csv").write_text("epoch,peer1\n" + rows)
+    series = summarize.curve_series(str(tmp_path), summarize.read_runs(str(tmp_path))[0])
+    assert sorted(len(s["x"]) for s in series) == [1, 3, 3, 3]
+    style = lambda s: (s["colour"], s["line"])
+    by_len = {}
+    for s in series:
+        by_len.setdefault((s["x"][-1], s["group"]), set()).add(style(s))
+    assert all(len(v) == 1 for v in by_len.values())  # one style per experiment
+    assert len({style(s) for s in series}) == 3  # dml 3 epochs, dml 1 epoch, kdcl: three experiments
+    assert sum(s["label"] is not None for s in series) == 3  # one legend entry per experiment
+    assert all(summarize._style(i)[0] != summarize._style(i + 1)[0] for i in range(40))
+
+
+def test_grid_commands_and_the_slurm_script_dry_mode(tmp_path):
+    """The laptop grid: the teacher first, every method x seed 0-2 with --resume; the SLURM array script's
+    dry mode prints task i's command (what SLURM_ARRAY_TASK_ID=i would run) and runs nothing."""
+    grid = summarize.grid("laptop")
+    assert grid[0][:2] == ("teachers", "teacher-resnet14-s0")
+    students = [c for s, _, c in grid if s == "students"]
+    assert len(students) == 3 * len(summarize.LAPTOP_METHODS) and all("--resume" in c for c in students)
+    assert all(f"--out runs/laptop/{n}" in c for _, n, c in grid)
+    assert all("--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt" in c for c in students if "sokd.py" in c)
+    if shutil.which("bash") is None or shutil.which("awk") is None:
+        pytest.skip("needs bash and awk")
+    r = subprocess.run(["bash", os.path.join(HERE, "slurm_grid.sh"), "laptop", "students"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "DRY": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"task {i}: {c}" for i, c in enumerate(students)]
+    one = subprocess.run([sys.executable, os.path.join(HERE, "summarize.py"), "grid", "laptop", "--stage",
+                          "students", "--index", "4"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert one.stdout.strip() == students[4]
+    bad = subprocess.run([sys.executable, os.path.join(HERE, "summarize.py"), "grid", "laptop", "--index", "999"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--index 999" in bad.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_readme_tables_are_the_output_of_summarize_over_results():
+    """Every table that README marks as generated equals `python summarize.py FOLDER` over the committed
+    records (results/): regenerate with `python summarize.py readme`."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = summarize.MARK.findall(f.read())
+    assert blocks, "README has no generated table"
+    assert all(os.path.isdir(os.path.join(HERE, b[0].split()[0])) for b in blocks)
+    assert summarize.readme(check=True) == []
 
 
 def test_summarize_groups_by_every_setting_but_the_seed(tmp_path, capsys):
     """A 2-epoch and a 3-epoch run are two experiments, not one mean: the differing setting is a column."""
     _fabricate(tmp_path, "a", "dml", 0, 50.0, 50.0, epochs=2)
     _fabricate(tmp_path, "b", "dml", 0, 54.0, 54.0, epochs=3)
-    rows = common.summarize(str(tmp_path), plot=False)
+    rows = summarize.summarize(str(tmp_path), plot=False)
     assert sorted((r["epochs"], r["deploy_mean"], r["n"]) for r in rows) == [(2, 50.0, 1), (3, 54.0, 1)]
     assert all(r["deploy_std"] is None for r in rows)  # one run measures no spread: no "± 0.00"
     out = capsys.readouterr().out
@@ -1044,17 +1181,17 @@ def test_summarize_skips_a_corrupt_file_and_a_missing_path_is_one_line(tmp_path,
     _fabricate(tmp_path, "good", "dml", 0, 70.0, 72.0)
     _fabricate(tmp_path, "bad", "dml", 1, 70.0, 72.0)
     (tmp_path / "bad" / "final.json").write_text("")  # e.g. a disk that filled up under an older version
-    rows = common.summarize(str(tmp_path), plot=False)
+    rows = summarize.summarize(str(tmp_path), plot=False)
     assert len(rows) == 1 and rows[0]["n"] == 1
     assert "warning: skipped" in capsys.readouterr().err
-    r = run_cli("common", "summarize", tmp_path / "absent")
+    r = run_cli("summarize", tmp_path / "absent")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr
 
 
 def test_summarize_csv_stdout_is_only_csv_with_numbers(tmp_path):
     _fabricate(tmp_path, "a", "dml", 0, 70.0, 72.0)
     _fabricate(tmp_path, "b", "dml", 1, 72.0, 74.0)
-    r = run_cli("common", "summarize", tmp_path, "--csv")
+    r = run_cli("summarize", tmp_path, "--csv")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(r.stdout.splitlines()))  # every stdout line is CSV (curves.png's note is on stderr)
     assert len(rows) == 1 and float(rows[0]["deploy_mean"]) == 71.0 and float(rows[0]["deploy_std"]) == 1.41
@@ -1064,15 +1201,16 @@ def test_summarize_csv_stdout_is_only_csv_with_numbers(tmp_path):
 def test_summarize_plot_written_when_matplotlib_is_installed(data, tmp_path):
     pytest.importorskip("matplotlib")  # optional: shows as skipped where it is not installed
     run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "runs" / "b")
-    assert common._plot(str(tmp_path / "runs")) == str(tmp_path / "runs" / "curves.png")
-    assert (tmp_path / "runs" / "curves.png").stat().st_size > 0
+    runs = tmp_path / "runs"
+    assert summarize.figures(str(runs)) == [str(runs / "curves.png"), str(runs / "seeds.png")]
+    assert (runs / "curves.png").stat().st_size > 0 and (runs / "seeds.png").stat().st_size > 0
 
 
 def test_summarize_plot_skipped_cleanly_without_matplotlib(data, tmp_path, capsys, monkeypatch):
     run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", tmp_path / "runs" / "b")
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed (it is optional)
-    assert common._plot(str(tmp_path / "runs")) is None
+    assert summarize.figures(str(tmp_path / "runs")) == []
     assert "pip install matplotlib" in capsys.readouterr().err
 
 

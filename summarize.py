@@ -1,0 +1,516 @@
+"""Tools over run folders: tables, figures, the commands behind a table, and a speed check.
+No method imports this file; every run writes its own record (run.json, log.csv, final.json).
+
+    python summarize.py runs/                  # one Markdown row per experiment: mean ± std over the seeds
+    python summarize.py runs/ --csv            # the same rows as CSV
+    python summarize.py runs/ --by-machine     # runs of different machines (CPU/GPU, torch, threads) apart
+    python summarize.py figures results/laptop # curves.png (test top-1 per epoch) and seeds.png
+    python summarize.py readme [--check]       # README's generated tables, rewritten (or compared) from results/
+    python summarize.py grid laptop            # the commands behind the laptop table, one per line
+    python summarize.py speed                  # on-device data pipeline vs DataLoader; channels_last
+
+A table in README.md is the output of `python summarize.py FOLDER` pasted unchanged between the lines
+`<!-- summarize.py FOLDER -->` and `<!-- end -->`; `readme --check` (and a test) keeps the two equal.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# settings that do not make two runs different experiments: the seed, how they were run, what was derived
+# (and a teacher's checkpoint path: the teacher's architecture, teacher_arch, stays a setting)
+NOT_SETTINGS = common.RUN_CONTROL | {"seed", "scaled", "extended_from", "resolved", "devices", "teacher",
+                                     "machine", "data"}
+
+
+# =================================================================================================
+# Reading run folders
+# =================================================================================================
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _lock_held(folder):
+    """True while a run holds the folder's lock (common._lock_run_dir): running, not stopped."""
+    path = os.path.join(folder, ".lock")
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def read_runs(root):
+    """(finished final.json dicts, unfinished run.json dicts) of the run folders directly under root.
+    An unfinished record gets "state": "running" (its lock is held) or "stopped". A file that cannot be
+    read, or a final.json whose deployable top-1 is not a number, is skipped with a warning on stderr."""
+    done, unfinished = [], []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        final, started = os.path.join(folder, "final.json"), os.path.join(folder, "run.json")
+        path = final if os.path.isfile(final) else started if os.path.isfile(started) else None
+        if path is None:
+            continue
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            if not isinstance(r, dict) or not isinstance(r.get("method"), str):
+                raise ValueError("no method")
+            if path == final and not _number(r["last"][r["deploy"]]):  # the one number the table needs
+                raise ValueError(f"last[{r['deploy']!r}] = {r['last'][r['deploy']]!r} is not a number")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: skipped {path}: not a readable run file ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        r["folder"] = name
+        if path == final:
+            done.append(r)
+        else:
+            r["state"] = "running" if _lock_held(folder) else "stopped"
+            unfinished.append(r)
+    return done, unfinished
+
+
+def _settings(r):
+    a = r.get("args", r)  # final.json keeps the arguments under "args"; run.json is the arguments
+    return {k: v for k, v in a.items() if k not in NOT_SETTINGS and k != "folder" and k != "state"}
+
+
+def _data_key(r):
+    """What identifies the data (recorded since run.json/final.json have "data"): runs on other data are
+    other experiments, whatever their options say."""
+    d = r.get("data") or {}
+    return {k: d[k] for k in ("train_images", "labels_sha256") if k in d}
+
+
+def _machine_key(r):
+    m = r.get("machine") or {}
+    return {"device": m.get("device", r.get("device")), "torch": m.get("torch"), "threads": m.get("threads")}
+
+
+def _device(r):
+    return (r.get("machine") or {}).get("device") or r.get("device")
+
+
+def _mean_std(vals):
+    """(mean, sample std, n) of a list; std None for one value (no spread measured), (None, None, 0) for none."""
+    if not vals:
+        return None, None, 0
+    return (round(float(np.mean(vals)), 2), round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else None,
+            len(vals))
+
+
+def groups(done, unfinished, by_machine=False):
+    """Runs that differ only in the seed and in how they were run, as {key: group}; a group holds its
+    settings, its finished records and its unfinished ones. Different data (number of training images,
+    label checksum) always makes a different group; with by_machine, so does the machine."""
+    out = {}
+    for kind, records in (("done", done), ("unfinished", unfinished)):
+        for r in records:
+            ident = {**_settings(r), "data": _data_key(r)}
+            if by_machine:
+                ident["machine"] = _machine_key(r)
+            key = json.dumps(ident, sort_keys=True, default=str)
+            out.setdefault(key, {"settings": ident, "done": [], "unfinished": []})[kind].append(r)
+    return out
+
+
+def _varying(gs):
+    """The settings that differ between groups of one method, arch and dataset: the table's extra columns."""
+    families = {}
+    for g in gs:
+        families.setdefault(tuple(g["settings"].get(k) for k in ("method", "arch", "dataset")), []).append(g)
+    keys = sorted({k for g in gs for k in g["settings"]} - {"method", "arch", "dataset"})
+    return [k for k in keys if any(len({json.dumps(g["settings"].get(k), sort_keys=True, default=str) for g in fam}) > 1
+                                   for fam in families.values())]
+
+
+def _cell(v):
+    if isinstance(v, dict):  # data / machine identities: their values, compactly
+        return " ".join(str(x) for x in v.values() if x is not None)
+    return "" if v is None else str(v)
+
+
+# =================================================================================================
+# The table
+# =================================================================================================
+
+def rows(root, by_machine=False):
+    """One row per experiment (see groups): the deployable head's last-epoch top-1 as mean, sample std and
+    n over the finished seeds, the "ensemble" head, the deployable head's training top-1 (final.json's
+    train_last), parameters, training seconds per run, device, and the unfinished runs (running/stopped)."""
+    if not os.path.isdir(root):
+        common.fail(f"{root}: no such folder (give the folder that holds the run folders, e.g. runs/)")
+    done, unfinished = read_runs(root)
+    if not done and not unfinished:
+        common.fail(f"{root} holds no run folders (a run folder has run.json or final.json; "
+                    f"give the folder above them, e.g. runs/ or results/laptop)")
+    gs = list(groups(done, unfinished, by_machine).values())
+    varying = _varying(gs)
+    table = []
+    for g in sorted(gs, key=lambda g: json.dumps([g["settings"].get(k) for k in
+                                                  ("method", "arch", "dataset", *varying)], default=str)):
+        done_, first, st = g["done"], (g["done"][0] if g["done"] else {}), g["settings"]
+        dep = _mean_std([r["last"][r["deploy"]] for r in done_])
+        ens = _mean_std([r["last"]["ensemble"] for r in done_ if _number(r["last"].get("ensemble"))])
+        train = _mean_std([r["train_last"][r["deploy"]] for r in done_
+                           if isinstance(r.get("train_last"), dict) and _number(r["train_last"].get(r["deploy"]))])
+        secs = [r.get("seconds") for r in done_]
+        table.append({
+            "method": st.get("method"), "arch": st.get("arch"), "dataset": st.get("dataset"),
+            **{k: st.get(k) for k in varying}, "deploy": first.get("deploy", ""),
+            "deploy_mean": dep[0], "deploy_std": dep[1], "n": dep[2],
+            "ensemble_mean": ens[0], "ensemble_std": ens[1], "train_top1_mean": train[0],
+            "params": (first.get("params") or {}).get(first["deploy"]) if done_ else None,
+            "seconds_per_run": round(float(np.mean(secs))) if secs and all(_number(s) for s in secs) else None,
+            "device": _device(first) if done_ else None,
+            "running": sum(r["state"] == "running" for r in g["unfinished"]),
+            "stopped": sum(r["state"] == "stopped" for r in g["unfinished"])})
+    return table, varying
+
+
+def markdown(table, varying):
+    """The rows as a Markdown table (what README pastes)."""
+    fmt = lambda m, s, n: "" if m is None else f"{m:.2f}" + ("" if s is None else f" ± {s:.2f}") + \
+        (f" (n={n})" if n is not None else "")
+    unfinished = any(r["running"] or r["stopped"] for r in table)
+    cols = ["method", "arch", "dataset", *varying, "deploy", "top-1 (deploy)", "ensemble", "train top-1",
+            "params", "s/run (train)", "device"] + (["running", "stopped"] if unfinished else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in table:
+        cells = [r["method"], r["arch"], r["dataset"], *[r[k] for k in varying], r["deploy"],
+                 fmt(r["deploy_mean"], r["deploy_std"], r["n"]), fmt(r["ensemble_mean"], r["ensemble_std"], None),
+                 None if r["train_top1_mean"] is None else f"{r['train_top1_mean']:.2f}", r["params"],
+                 r["seconds_per_run"], r["device"]] + ([r["running"] or "", r["stopped"] or ""] if unfinished else [])
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(root, as_csv=False, plot=True, by_machine=False):
+    """Print the table of the runs under root (Markdown, or CSV) and, with plot, write its figures."""
+    table, varying = rows(root, by_machine)
+    if as_csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=list(table[0]) if table else ["method"])
+        w.writeheader()
+        w.writerows({k: _cell(v) if isinstance(v, dict) else v for k, v in r.items()} for r in table)
+    else:
+        print(markdown(table, varying))
+    if plot:
+        figures(root)
+    return table
+
+
+# =================================================================================================
+# Figures (matplotlib, optional)
+# =================================================================================================
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: `pip install matplotlib` to get the figures", file=sys.stderr)
+        return None
+
+
+# ten well-separated hues (matplotlib's tab10), then the same hues dashed, dotted, dash-dotted
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+LINES = ["-", "--", ":", "-."]
+
+
+def _style(i):
+    """Colour and line style of the i-th experiment: neighbours always differ in colour."""
+    return PALETTE[i % len(PALETTE)], LINES[(i // len(PALETTE)) % len(LINES)]
+
+
+def _label(g, varying):
+    st = g["settings"]
+    extra = [f"{k}={_cell(st.get(k))}" for k in varying if k not in ("data", "machine")]
+    return " ".join([st["method"], st.get("arch", "")] + extra)
+
+
+def figures(root, out=None):
+    """curves.png and seeds.png for the runs under root (into out, default root). Returns their paths."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    done, _ = read_runs(root)
+    if not done:
+        return []
+    out = out or root
+    return [p for p in (plot_curves(plt, curve_series(root, done), out), plot_seeds(plt, done, out)) if p]
+
+
+def curve_series(root, done):
+    """What curves.png draws: one series per finished run, [{label, colour, line, x, y}], the deployable
+    head's test top-1 at every evaluated epoch (log.csv). One colour/line style per experiment (group)
+    and one label per experiment, so that runs of different settings never share a colour."""
+    gs = sorted(groups(done, []).values(), key=lambda g: _label(g, []))
+    varying = _varying(gs)
+    series = []
+    for i, g in enumerate(gs):
+        colour, line = _style(i)
+        first = True
+        for r in sorted(g["done"], key=lambda r: r.get("seed", 0)):
+            try:
+                with open(os.path.join(root, r["folder"], "log.csv")) as f:
+                    log = [row for row in csv.DictReader(f) if row.get(r["deploy"]) not in ("", None)]
+                x, y = [int(row["epoch"]) for row in log], [float(row[r["deploy"]]) for row in log]
+            except (OSError, ValueError, KeyError):
+                continue
+            series.append({"label": f"{_label(g, varying)} ({len(g['done'])} runs)" if first else None,
+                           "group": i, "colour": colour, "line": line, "x": x, "y": y})
+            first = False
+    return series
+
+
+def plot_curves(plt, series, out):
+    """curves.png: every series drawn with markers, so that a run evaluated once is a visible point."""
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for s in series:
+        ax.plot(s["x"], s["y"], color=s["colour"], linestyle=s["line"], marker="o", markersize=3, linewidth=1.2,
+                alpha=0.85, label=s["label"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 % (deployable head)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def plot_seeds(plt, done, out):
+    """seeds.png: per experiment of the most common (arch, dataset), the deployable head's last-epoch
+    top-1 of every seed (dots) and their mean (dash), beside the baseline's range (band) and mean (line)."""
+    gs = list(groups(done, []).values())
+    shape = max({(g["settings"].get("arch"), g["settings"].get("dataset")) for g in gs},
+                key=lambda s: sum((g["settings"].get("arch"), g["settings"].get("dataset")) == s for g in gs))
+    gs = [g for g in gs if (g["settings"].get("arch"), g["settings"].get("dataset")) == shape]
+    varying = _varying(gs)
+    accs = lambda g: [r["last"][r["deploy"]] for r in g["done"]]
+    gs.sort(key=lambda g: float(np.mean(accs(g))))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    base = [g for g in gs if g["settings"]["method"] == "baseline"]
+    if base:
+        b = accs(base[0])
+        ax.axhspan(min(b), max(b), color="0.85", label=f"baseline: range of {len(b)} runs")
+        ax.axhline(float(np.mean(b)), color="0.4", linestyle="--", linewidth=1, label="baseline: mean")
+    for i, g in enumerate(gs):
+        a = accs(g)
+        ax.hlines(float(np.mean(a)), i - 0.3, i + 0.3, color="0.2", linewidth=1.5, zorder=2,
+                  label="mean of the seeds" if i == 0 else None)
+        ax.scatter([i] * len(a), a, color=_style(i)[0], zorder=3, s=22)
+    ax.set_xticks(range(len(gs)))
+    ax.set_xticklabels([_label(g, varying).replace(f" {shape[0]}", "") for g in gs], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel(f"test top-1 % at the last epoch ({shape[0]}, {shape[1]})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(out, "seeds.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+# =================================================================================================
+# README's generated tables
+# =================================================================================================
+
+MARK = re.compile(r"<!-- summarize\.py ([^>]*?) -->\n(.*?)<!-- end -->", re.S)
+
+
+def readme(check=False, path=os.path.join(HERE, "README.md")):
+    """Rewrite every block `<!-- summarize.py ARGS -->` ... `<!-- end -->` of README with the table that
+    `python summarize.py ARGS` prints (ARGS: a folder relative to the repository, optionally --by-machine).
+    check: change nothing; return the list of blocks that differ."""
+    with open(path) as f:
+        text = f.read()
+    stale = []
+
+    def regenerate(m):
+        a = m.group(1).split()
+        table, varying = rows(os.path.join(HERE, a[0]), by_machine="--by-machine" in a)
+        new = markdown(table, varying) + "\n"
+        if new != m.group(2):
+            stale.append(m.group(1))
+        return f"<!-- summarize.py {m.group(1)} -->\n{new}<!-- end -->"
+
+    updated = MARK.sub(regenerate, text)
+    if not check and updated != text:
+        with open(path, "w") as f:
+            f.write(updated)
+    return stale
+
+
+# =================================================================================================
+# The commands behind a table (and a SLURM array over them: slurm_grid.sh)
+# =================================================================================================
+
+LAPTOP = "--dataset cifar10 --data-dir data --epochs 60 --eval-every 10 --gpus cpu --resume"
+LAPTOP_METHODS = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "cl", "okddip", "ffsd", "sokd"]
+TEACHER = "--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt --teacher-arch resnet14"
+
+
+def grid(name):
+    """[(stage, run name, command)] of a table: stage "teachers" runs first, "students" may need them."""
+    if name != "laptop":
+        common.fail(f"unknown grid {name!r}; known: laptop")
+    cmds = [("teachers", "teacher-resnet14-s0", f"python baseline.py {LAPTOP} --arch resnet14 --seed 0")]
+    for seed in (0, 1, 2):
+        for m in LAPTOP_METHODS:
+            extra = f" {TEACHER}" if m in ("sokd", "kd", "reviewkd") else ""
+            cmds.append(("students", f"{m}-s{seed}", f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed}{extra}"))
+    return [(stage, run, f"{cmd} --out runs/{name}/{run}") for stage, run, cmd in cmds]
+
+
+# =================================================================================================
+# Speed of the data pipeline and of the memory layout
+# =================================================================================================
+
+def speed(batch_size=128, batches=30, device="cpu"):
+    """Measured in one run: images/s of common's on-device pipeline against torchvision's DataLoader
+    with the usual PIL transforms (2 workers), and a resnet32 training step with and without
+    channels_last. Synthetic CIFAR-shaped images; no dataset needed."""
+    import torchvision.transforms as T
+    from PIL import Image
+    n = batch_size * batches
+    x = np.random.RandomState(0).randint(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = np.random.RandomState(1).randint(0, 100, n)
+    mean, std = common.DATASETS["cifar100"][5:7]
+
+    class PILSet(torch.utils.data.Dataset):  # what torchvision.datasets.CIFAR100.__getitem__ does
+        tf = T.Compose([T.RandomCrop(32, 4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(x[i])), int(y[i])
+
+    def rate(it):
+        t0 = time.perf_counter()
+        m = sum(len(b[1]) for b in it)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return m / (time.perf_counter() - t0)
+
+    loader = common.Loader(x.transpose(0, 3, 1, 2), y, mean, std, device, batch_size, True)
+    rate(loader.epoch(0))  # warm-up
+    ours = rate(loader.epoch(1))
+    dl = torch.utils.data.DataLoader(PILSet(), batch_size=batch_size, shuffle=True, num_workers=2,
+                                     pin_memory=device.startswith("cuda"), persistent_workers=True)
+    rate(dl)
+    theirs = rate((xb.to(device), yb.to(device)) for xb, yb in dl)
+    print(f"data pipeline, batch {batch_size}, {device}: on-device {ours:.0f} img/s, "
+          f"DataLoader+PIL (2 workers) {theirs:.0f} img/s, ratio {ours / theirs:.1f}x")
+    del dl  # stop the workers before timing the model
+    res = {False: [], True: []}
+    for _ in range(3):  # alternate the two layouts, keep the median of three rounds each
+        for cl in (False, True):
+            torch.manual_seed(0)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            net = common.build_model("resnet32", 100).to(device).to(memory_format=fmt)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            xb = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+            yb = torch.randint(0, 100, (batch_size,), device=device)
+
+            def steps(k):
+                for _ in range(k):
+                    loss = F.cross_entropy(net(xb), yb)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            steps(2)
+            t0 = time.perf_counter()
+            steps(10)
+            res[cl].append(10 * batch_size / (time.perf_counter() - t0))
+    res = {k: float(np.median(v)) for k, v in res.items()}
+    print(f"resnet32 training step, batch {batch_size}, {device}: contiguous {res[False]:.0f} img/s, "
+          f"channels_last {res[True]:.0f} img/s, ratio {res[True] / res[False]:.2f}")
+    return ours, theirs, res
+
+
+# =================================================================================================
+# Command line
+# =================================================================================================
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = argv[0] if argv and argv[0] in ("figures", "readme", "grid", "speed") else "table"
+    p = argparse.ArgumentParser(prog=f"python summarize.py{'' if cmd == 'table' else ' ' + cmd}",
+                                description=__doc__.split("\n\n")[0])
+    rest = argv if cmd == "table" else argv[1:]
+    if cmd == "table":
+        p.add_argument("root", nargs="?", default="runs", help="the folder that holds the run folders")
+        p.add_argument("--csv", action="store_true", help="CSV on stdout instead of Markdown")
+        p.add_argument("--by-machine", action="store_true", help="runs of different machines in different rows")
+        p.add_argument("--no-plot", action="store_true", help="do not write curves.png and seeds.png")
+        a = p.parse_args(rest)
+        summarize(a.root, a.csv, plot=not a.no_plot, by_machine=a.by_machine)
+    elif cmd == "figures":
+        p.add_argument("root")
+        p.add_argument("--out", help="folder for the PNGs (default: root)")
+        a = p.parse_args(rest)
+        rows(a.root)  # the same one-line errors as the table
+        figures(a.root, a.out)
+    elif cmd == "readme":
+        p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+        a = p.parse_args(rest)
+        stale = readme(check=a.check)
+        for s in stale:
+            print(f"README.md: the table of `summarize.py {s}` " + ("differs from its records" if a.check
+                                                                     else "was regenerated"), file=sys.stderr)
+        sys.exit(1 if a.check and stale else 0)
+    elif cmd == "grid":
+        p.add_argument("name", help="the table: laptop")
+        p.add_argument("--stage", choices=["teachers", "students"], help="only this stage's commands")
+        p.add_argument("--index", type=int, help="only the i-th command (0-based) of the selection")
+        p.add_argument("--count", action="store_true", help="print how many commands the selection has")
+        a = p.parse_args(rest)
+        cmds = [c for s, _, c in grid(a.name) if a.stage in (None, s)]
+        if a.count:
+            print(len(cmds))
+        elif a.index is not None:
+            if not 0 <= a.index < len(cmds):
+                common.fail(f"--index {a.index}: the selection has {len(cmds)} commands (0..{len(cmds) - 1})")
+            print(cmds[a.index])
+        else:
+            print("\n".join(cmds))
+    else:
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        speed(device=p.parse_args(rest).device)
+
+
+if __name__ == "__main__":
+    main()
