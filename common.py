@@ -22,7 +22,10 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
   optional:
     views = 1                    augmented views per batch.
     holdout = 0                  training images held out and passed to on_epoch (KDCL-general).
-    param_groups(wd)             optimizer groups (default: every trainable parameter, decay wd).
+    param_groups(wd)             optimizer groups (default: every trainable parameter, decay wd); a
+                                 group's "lr_scale" multiplies the scheduled lr for it (OEC-KD's adapters).
+    make_optimizer(groups)       the optimizer of those groups, or None for the loop's SGD (OEC-KD's
+                                 --optimizer adam); the lr schedule sets every group's lr all the same.
     extra_optimizer()            a second optimizer for parameters left out of param_groups (e.g.
                                  FFSD's Adam-trained decoders): stepped after the SGD step on the same
                                  backward pass, its state saved in checkpoints; the lr schedule is
@@ -348,7 +351,8 @@ DATASETS = {  # folder in torchvision's layout, train files, test files, label k
 # --norm: statistics some official codes use on every dataset. "cifar10-legacy": CIFAR-10's mean with the
 # std that circulates in many CIFAR repositories (ONE's cifar_one.py), not the pixel std of CIFAR-10
 NORMS = {"cifar10": DATASETS["cifar10"][5:7],
-         "cifar10-legacy": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
+         "cifar10-legacy": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+         "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}  # pixels in [0, 1], as ToTensor alone (OEC-KD)
 
 
 class DataError(RuntimeError):
@@ -719,7 +723,8 @@ def parser(description):
             help="CIFAR random crop: from the image padded by 4 with zeros or mirrored at its edges")
     add_arg(p, "--norm", default="dataset", choices=["dataset", *NORMS],
             help="normalisation statistics: the dataset's own, CIFAR-10's on every dataset (SOKD), or the "
-                 "CIFAR-10 mean with the widespread std (0.2023, 0.1994, 0.2010) on every dataset (ONE)")
+                 "CIFAR-10 mean with the widespread std (0.2023, 0.1994, 0.2010) on every dataset (ONE), or "
+                 "none: pixels in [0, 1] (OEC-KD)")
     add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
             help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
                  "every option not given (each script's PAPER)")
@@ -1131,7 +1136,7 @@ def _set_lr(opt, args, epoch):
     else:
         lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
 
 
@@ -1212,7 +1217,9 @@ def _train(rank, world, args, Method, out, data, device):
 
     groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
         [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
+    opt = model.make_optimizer(groups) if hasattr(model, "make_optimizer") else None
+    if opt is None:
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
     extra = model.extra_optimizer() if hasattr(model, "extra_optimizer") else None
     opts = [opt] + ([extra] if extra is not None else [])
     if world > 1 and args.batch_size % world:
@@ -1449,11 +1456,13 @@ def describe_schedule(args, resolved):
     were scaled to --epochs."""
     lr = "cosine" if args.cosine else (f"x0.1 at epochs {' '.join(map(str, args.schedule))}" if args.schedule
                                        else "constant")
-    extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup") if hasattr(args, k)]
+    extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup", "init") if hasattr(args, k)]
+    opt = getattr(args, "optimizer", "sgd")  # a method's own --optimizer (OEC-KD): momentum and Nesterov are SGD's
+    opt = f"{'no ' if args.no_nesterov else ''}Nesterov" if opt == "sgd" else f"optimizer {opt}"
     extra += [f"{k} {v}" for k, v in resolved.items()]
     scaled = getattr(args, "scaled", [])
     return (f"recipe {getattr(args, 'recipe', 'protocol')}: {args.epochs} epochs, batch {args.batch_size}, "
-            f"lr {args.lr:g} {lr}, wd {args.wd:g}, {'no ' if args.no_nesterov else ''}Nesterov, "
+            f"lr {args.lr:g} {lr}, wd {args.wd:g}, {opt}, "
             f"{getattr(args, 'padding', 'zeros')} padding, {getattr(args, 'norm', 'dataset')} statistics"
             + "".join(f", {e}" for e in extra)
             + (f" (scaled to --epochs: {', '.join(scaled + list(resolved))})" if scaled or resolved else ""))

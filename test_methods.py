@@ -3450,3 +3450,325 @@ def test_ffsd_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
         run_main("ffsd", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ===== oeckd.py =====
+import oeckd  # noqa: E402  (imported here so that this method's tests stay in one section)
+
+_OECKD_PARAMS = {  # METHODS.md section 12: CIFAR-100 students, the shared stem included in each
+    "resnet32": [472756, 298240, 168952, 73895, 18915],
+    "resnet110": [1736564, 1091396, 613708, 264501, 64233]}
+_OECKD_WIDTHS = [[16, 32, 64], [12, 25, 51], [9, 19, 38], [6, 12, 25], [3, 6, 12]]
+
+
+def _oeckd_args(**kw):
+    a = dict(arch="resnet8", students=5, T=2.0, ce_w=0.7, feat_w=0.15, kd_w=0.15, adapter_lr_scale=0.5,
+             optimizer="sgd", init="he", lr=0.1)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def _oeckd_model(nc=10, seed=0, **kw):
+    torch.manual_seed(seed)
+    return oeckd.OECKD(_oeckd_args(**kw), nc)
+
+
+def _oeckd_batch(B=4, nc=10):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 3, 16, 16, generator=g), torch.arange(B) % nc
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "resnet110"])
+def test_oeckd_widths_and_param_counts_match_section_12(arch):
+    m = _oeckd_model(nc=100, arch=arch)
+    assert [[st[0].body[0][0].out_channels for st in s.stages] for s in m.students] == _OECKD_WIDTHS
+    hp = m.head_params()
+    assert [hp[f"student{k}"] for k in range(1, 6)] == _OECKD_PARAMS[arch]
+    assert hp["student1"] == common.count_params(common.build_model(arch, 100))  # student 1 is the backbone
+    stem = common.count_params(m.stem)
+    assert stem == 16 * 27 + 2 * 16  # conv3x3 3->16 + BN
+    assert hp["ensemble"] == sum(_OECKD_PARAMS[arch]) - 4 * stem  # one stem for all
+    # adapters: (12+9+6+3)*16 + (25+19+12+6)*32 + (51+38+25+12)*64 weights + 4*(16+32+64) biases
+    assert common.count_params(m.adapters) == 30 * 16 + 62 * 32 + 126 * 64 + 4 * 112 == 10976
+    assert [[(a.in_channels, a.out_channels) for a in row] for row in m.adapters] == \
+        [[(c, c1) for c, c1 in zip(w, _OECKD_WIDTHS[0])] for w in _OECKD_WIDTHS[1:]]
+    if arch == "resnet32":
+        assert common.count_params(m) == 1041878  # all trained: stem + 5 students + adapters
+    # a 1x1 conv + BN shortcut wherever stride or width changes: students 2..5 in their first block too
+    first = [s.stages[0][0].short for s in m.students]
+    assert isinstance(first[0], torch.nn.Identity)
+    assert all(isinstance(f, torch.nn.Sequential) and f[0].kernel_size == (1, 1) for f in first[1:])
+    assert all(not isinstance(s.stages[b][0].short, torch.nn.Identity) for s in m.students for b in (1, 2))
+    assert all(isinstance(s.stages[0][1].short, torch.nn.Identity) for s in m.students)
+
+
+def test_oeckd_integer_widths_equal_the_official_float_truncation():
+    for depths, widths, stem in oeckd.RESNETS.values():
+        for N in range(2, 17):
+            for k in range(N):  # official: int(w * (float(N - j) / N)), j = 0..N-1
+                assert oeckd.student_widths(widths, k, N) == [int(w * (float(N - k) / N)) for w in widths]
+
+
+_OECKD_Z = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]],
+            [[2.0, -1.0, 0.0], [1.5, 0.5, -0.5]],
+            [[0.0, 0.0, 4.0], [-2.0, 1.0, 1.0]]]
+_OECKD_Y = [1, 2]
+
+
+@pytest.mark.parametrize("T,w", [(2.0, (0.7, 0.15, 0.15)), (3.0, (1.0, 0.5, 2.0))])
+def test_oeckd_loss_matches_hand_computation(T, w):
+    feat = 0.8
+    z_e = [[sum(z[i][c] for z in _OECKD_Z) / 3 for c in range(3)] for i in range(2)]  # mean logits
+    ce = w[0] * sum(_hand_ce(z, _OECKD_Y) for z in _OECKD_Z)
+    kl = w[2] * sum(_hand_kd(z, z_e, T) for z in _OECKD_Z)  # every student, the full-size one included
+    total, ce_t, feat_t, kl_t, ce_e = oeckd.oeckd_loss([torch.tensor(z) for z in _OECKD_Z], torch.tensor(feat),
+                                                       torch.tensor(_OECKD_Y), T, *w)
+    assert ce_t.item() == pytest.approx(ce, rel=1e-5)
+    assert kl_t.item() == pytest.approx(kl, rel=1e-5)
+    assert feat_t.item() == pytest.approx(w[1] * feat, rel=1e-6)
+    assert total.item() == pytest.approx(ce + w[1] * feat + kl, rel=1e-5)
+    assert ce_e.item() == pytest.approx(_hand_ce(z_e, _OECKD_Y), rel=1e-5)  # logged only
+
+
+def test_oeckd_feature_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    widths = [[2, 3], [1, 2], [1, 1]]  # 3 students, 2 stages; student 1 first
+    maps = [[torch.randn(1, c, 2, 1, generator=g) for c in w] for w in widths]
+    torch.manual_seed(0)
+    adapters = torch.nn.ModuleList(torch.nn.ModuleList(torch.nn.Conv2d(c, c1, 1) for c, c1 in zip(w, widths[0]))
+                                   for w in widths[1:])
+    hand = 0.0
+    for k in (1, 2):
+        for b in (0, 1):
+            conv = adapters[k - 1][b]
+            W, bias = conv.weight[:, :, 0, 0].tolist(), conv.bias.tolist()
+            f, t = maps[k][b][0, :, :, 0].tolist(), maps[0][b][0, :, :, 0].tolist()  # [channel][row]
+            sq = [(sum(W[o][i] * f[i][r] for i in range(len(f))) + bias[o] - t[o][r]) ** 2
+                  for o in range(len(t)) for r in range(2)]
+            hand += sum(sq) / len(sq)  # MSE: the mean over every element
+    assert oeckd.feature_loss(maps, adapters).item() == pytest.approx(hand, rel=1e-5)
+
+
+def _oeckd_parts(m):
+    return {"stem": m.stem, **{f"student{k + 1}": s for k, s in enumerate(m.students)},
+            **{f"adapters{k + 2}": a for k, a in enumerate(m.adapters)}}
+
+
+@pytest.mark.parametrize("term,trains", [
+    ("ce", {"stem", "student1", "student2", "student3", "student4", "student5"}),
+    ("kd", {"stem", "student1", "student2", "student3", "student4", "student5"}),
+    ("feat", {"stem", "student2", "student3", "student4", "student5",
+              "adapters2", "adapters3", "adapters4", "adapters5"})])
+def test_oeckd_each_term_trains_exactly_its_modules(term, trains):
+    """CE and KD reach every student (student 1 too) and the stem; the feature MSE trains the adapters and
+    students 2..5 (and through them the stem), never student 1, whose maps are its detached target."""
+    m = _oeckd_model()
+    x, y = _oeckd_batch()
+    loss, terms = m(x, y, None, 0)
+    terms[term].backward()
+    got = {n for n, mod in _oeckd_parts(m).items()
+           if any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters())}
+    assert got == trains
+    assert not terms["ce_e"].requires_grad  # the ensemble's CE is logged, not trained
+    assert loss.item() == pytest.approx(sum(terms[k].item() for k in ("ce", "feat", "kd")), rel=1e-6)
+
+
+def test_oeckd_kd_reaches_each_student_from_its_own_term_only():
+    """Student k's logits get the gradient of KD(z_k <- z_e) with z_e a constant: nothing through the ensemble."""
+    m = _oeckd_model()
+    x, y = _oeckd_batch()
+    h = m.stem(x)
+    logits = [oeckd.stage_maps(s, h)[0] for s in m.students]
+    kl = oeckd.oeckd_loss(logits, torch.zeros(()), y, 2.0, 0.0, 0.0, 1.0)[3]
+    grads = torch.autograd.grad(kl, logits)
+    z_e = torch.stack(logits).mean(0).detach()
+    for k, z in enumerate(logits):
+        zk = z.detach().requires_grad_()
+        (g,) = torch.autograd.grad(oeckd.kd(zk, z_e, 2.0), zk)
+        assert g.abs().sum() > 0 and torch.allclose(grads[k], g, atol=1e-7), k
+
+
+def test_oeckd_feature_loss_sends_nothing_into_student1s_maps():
+    m = _oeckd_model()
+    x, _ = _oeckd_batch()
+    h = m.stem(x)
+    maps = [oeckd.stage_maps(s, h)[1] for s in m.students]
+    g = torch.autograd.grad(oeckd.feature_loss(maps, m.adapters), maps[0] + maps[1], allow_unused=True)
+    assert all(t is None for t in g[:3]) and all(t is not None and t.abs().sum() > 0 for t in g[3:])
+
+
+def test_oeckd_heads_are_every_student_and_the_mean_of_their_logits():
+    m = _oeckd_model().eval()
+    x, _ = _oeckd_batch()
+    with torch.no_grad():
+        heads = m.heads(x)
+        z = [s(m.stem(x)) for s in m.students]
+    assert list(heads) == ["student1", "student2", "student3", "student4", "student5", "ensemble"]
+    assert all(torch.equal(heads[f"student{k + 1}"], z[k]) for k in range(5))
+    assert torch.allclose(heads["ensemble"], torch.stack(z).mean(0))
+    assert m.deploy == "student1" and set(m.head_params()) == set(heads)
+
+
+def test_oeckd_init_he_by_default_xavier_for_the_official_recipe():
+    conv = lambda m: m.students[0].stages[2][1].body[0][0]  # a 3x3 conv 64 -> 64 of student 1
+    m = _oeckd_model(nc=100, arch="resnet32")
+    assert conv(m).weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)  # He, fan_out
+    assert all(a.bias.abs().sum() == 0 for row in m.adapters for a in row)
+    m = _oeckd_model(nc=100, arch="resnet32", init="xavier")
+    assert conv(m).weight.std().item() == pytest.approx(math.sqrt(2 / (2 * 64 * 9)), rel=0.03)
+    fc = m.students[0].fc.weight
+    assert fc.std().item() == pytest.approx(math.sqrt(2 / (64 + 100)), rel=0.05)
+    a = m.adapters[0][2]  # 51 -> 64, PyTorch's default (the official code creates it outside the init)
+    assert a.bias.abs().sum() > 0 and a.weight.abs().max().item() <= 1 / math.sqrt(51) + 1e-6
+
+
+def test_oeckd_adapters_at_half_the_lr_and_adam_moves_each_weight_by_its_lr():
+    m = _oeckd_model(optimizer="adam", lr=1e-3)
+    opt = m.make_optimizer(m.param_groups(0.0))
+    assert isinstance(opt, torch.optim.Adam) and _oeckd_model().make_optimizer([]) is None  # sgd: the loop's
+    common._set_lr(opt, argparse.Namespace(cosine=False, lr=1e-3, schedule=[2]), 0)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-4]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in m.adapters.parameters()}
+    x, y = _oeckd_batch()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    common.train_step(m, m, [opt], x, y, None, 0, False)
+    for n, p in m.named_parameters():  # Adam's first step: lr * g / (|g| + eps), |step| = lr wherever g >> eps
+        big = p.grad.abs() > 1e-5
+        if big.any():
+            want = 5e-4 if n.startswith("adapters.") else 1e-3
+            d = (p.detach() - before[n]).abs()[big]
+            assert torch.allclose(d, torch.full_like(d, want), rtol=2e-3), n
+    common._set_lr(opt, argparse.Namespace(cosine=False, lr=1e-3, schedule=[2]), 2)  # the schedule keeps the ratio
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 5e-5])
+
+
+_OECKD_RUN = [*TINY, "--batch-size", 16, "--epochs", 2, "--schedule", 1]  # with 32 images: 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def _oeckd_data(tmp_path_factory):
+    return fake_cifar(tmp_path_factory.mktemp("oeckd_cifar"), n_train=32, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def _oeckd_run(_oeckd_data, tmp_path_factory):
+    """A subprocess, like the halted and resumed runs below (a run folder is locked for its process's life)."""
+    out = tmp_path_factory.mktemp("oeckd") / "r"
+    r = run_cli("oeckd", *_OECKD_RUN, "--data-dir", _oeckd_data, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_oeckd_end_to_end_writes_every_head_and_each_students_params(_oeckd_run):
+    fin = read_final(_oeckd_run)
+    heads = {"student1", "student2", "student3", "student4", "student5", "ensemble"}
+    assert fin["deploy"] == "student1" and set(fin["last"]) == heads and set(fin["params"]) == heads
+    assert fin["params"] == _oeckd_model(nc=100).head_params()
+    assert fin["params"]["student1"] == common.count_params(common.build_model("resnet8", 100))
+    assert fin["params"]["student1"] > fin["params"]["student2"] > fin["params"]["student5"]
+    log = read_log(_oeckd_run)
+    assert len(log) == 2
+    for r in log:  # the logged terms add up to the loss (ce_e is logged only)
+        parts = [float(r[k]) for k in ("ce", "feat", "kd")]
+        assert float(r["loss"]) == pytest.approx(sum(parts), rel=1e-4) and min(parts) > 0 and float(r["ce_e"]) > 0
+    ck = common.load_checkpoint(os.path.join(_oeckd_run, "checkpoint.pt"))
+    assert "adapters.3.2.weight" in ck["model"] and "stem.0.weight" in ck["model"]
+    groups = ck["opt"]["param_groups"]  # SGD (the protocol); adapters at half the lr after the x0.1 drop
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 0.5]
+    assert [g["lr"] for g in groups] == pytest.approx([0.005, 0.0025])
+    assert all("momentum_buffer" in s for s in ck["opt"]["state"].values())
+
+
+def test_oeckd_resume_reproduces_an_uninterrupted_run(_oeckd_data, tmp_path, _oeckd_run):
+    b = tmp_path / "b"
+    args = [*_OECKD_RUN, "--data-dir", _oeckd_data, "--out", b]
+    r = run_cli("oeckd", *args, "--halt-after", 1)
+    assert r.returncode == 0 and "halted after epoch 1" in r.stdout, r.stderr[-2000:]
+    assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    r = run_cli("oeckd", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_continued_after_epoch_1(r.stdout, b)
+    ca, cb = (common.load_checkpoint(os.path.join(o, "checkpoint.pt")) for o in (_oeckd_run, b))
+    assert set(ca["model"]) == set(cb["model"]) and "adapters.0.0.weight" in ca["model"]
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    sa, sb = ca["opt"]["state"], cb["opt"]["state"]  # momentum of students and adapters too
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+    assert read_final(_oeckd_run)["last"] == read_final(b)["last"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--recipe", "paper"]])
+def test_oeckd_training_step_has_no_host_sync(extra, monkeypatch, tmp_path):
+    """SGD and the paper recipe's Adam (fused: its step counts stay on the device)."""
+    c = count_syncs_in_steps(monkeypatch, "oeckd", *TINY, "--batch-size", 16, "--bench", 2, "--out", tmp_path / "b",
+                             *extra)
+    assert c["n"] == 0, c["what"]
+
+
+def test_oeckd_ddp_two_gloo_processes_keep_ranks_identical(_oeckd_data, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli("oeckd", "--arch", "resnet8", "--batch-size", 16, "--gpus", "0,1", "--data-dir", _oeckd_data,
+                "--epochs", 1, "--schedule", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fin = read_final(out)
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert set(fin["last"]) == set(fin["params"])
+
+
+def test_oeckd_runs_copied_next_to_common_alone(tmp_path):
+    for name in ("oeckd", "common"):
+        shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
+    code = "import sys; sys.argv = ['x', '-h']\nimport oeckd\ntry:\n    oeckd.main()\nexcept SystemExit as e:\n" \
+           "    assert e.code == 0\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--students", "--T", "--ce-w", "--feat-w", "--kd-w", "--adapter-lr-scale", "--optimizer", "--init"):
+        assert flag in r.stdout
+
+
+def test_oeckd_recipe_paper_sets_the_official_values_and_given_options_win(monkeypatch):
+    a = _parse_script(monkeypatch, "oeckd", "--recipe", "paper")
+    assert (a.optimizer, a.lr, a.wd, a.batch_size, a.epochs, a.schedule, a.padding, a.norm, a.init) == \
+        ("adam", 1e-3, 1e-5, 128, 350, [200, 300], "zeros", "none", "xavier")
+    a = _parse_script(monkeypatch, "oeckd")  # the default stays the protocol
+    assert (a.optimizer, a.lr, a.wd, a.epochs, a.schedule, a.norm, a.init, a.no_nesterov) == \
+        ("sgd", 0.1, 5e-4, 300, [150, 225], "dataset", "he", False)
+    assert (a.students, a.T, a.ce_w, a.feat_w, a.kd_w, a.adapter_lr_scale) == (5, 2.0, 0.7, 0.15, 0.15, 0.5)
+    a = _parse_script(monkeypatch, "oeckd", "--recipe", "paper", "--epochs", 200, "--lr", 2e-3)
+    assert a.schedule == [114, 171] and a.lr == 2e-3 and a.optimizer == "adam"  # 200 and 300 of 350, scaled
+
+
+def test_oeckd_recipe_paper_reaches_the_run(_oeckd_data, tmp_path, capsys, monkeypatch):
+    seen = []
+    real = common.Loader.__init__
+
+    def spy(self, x, y, mean, std, *a, **k):
+        seen.append((tuple(mean), tuple(std)))
+        return real(self, x, y, mean, std, *a, **k)
+    monkeypatch.setattr(common.Loader, "__init__", spy)
+    out = tmp_path / "p"
+    run_main("oeckd", "--arch", "resnet8", "--batch-size", 16, "--gpus", "cpu", "--data-dir", _oeckd_data,
+             "--epochs", 1, "--recipe", "paper", "--out", out)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("recipe paper: 1 epochs, batch 16, lr 0.001 constant, wd 1e-05, optimizer adam, "
+                            "zeros padding, none statistics") and "--init xavier" in first
+    assert seen and set(seen) == {((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}  # no normalisation: pixels / 255
+    ck = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    groups = ck["opt"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 5e-4]) and [g["weight_decay"] for g in groups] == [1e-5] * 2
+    assert all("exp_avg_sq" in s for s in ck["opt"]["state"].values())  # Adam's moments, checkpointed
+    fin = read_final(out)
+    assert fin["args"]["recipe"] == "paper" and fin["args"]["optimizer"] == "adam" and set(fin["last"]) == set(fin["params"])
+
+
+@pytest.mark.parametrize("bad,msg", [(["--students", "1"], "argument --students: 1 must be at least 2"),
+                                     (["--students", "17"], "would have a stage of 0 channels"),
+                                     (["--arch", "wrn_16_1"], "narrows a BasicBlock CIFAR ResNet"),
+                                     (["--arch", "resnet8,resnet14"], "narrows a BasicBlock CIFAR ResNet"),
+                                     (["--adapter-lr-scale", "0"], "argument --adapter-lr-scale: 0.0 must be positive"),
+                                     (["--kd-w", "-1"], "argument --kd-w: -1.0 must be non-negative"),
+                                     (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'")])
+def test_oeckd_bad_arguments_are_refused(bad, msg, _oeckd_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main("oeckd", *TINY, "--data-dir", _oeckd_data, "--out", tmp_path / "r", *bad)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
