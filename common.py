@@ -173,13 +173,30 @@ VGG_CFG = {8: [[64], [128], [256], [512], [512]],
            16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]}
 
 
-def _vgg(depth, num_classes):
-    """VGG with BN as in RepDistiller: five conv blocks, max-pool between them, avg pool, one FC."""
+class MaxPoolAt8(nn.Module):
+    """RepDistiller's VGG max-pools before its last block only when the input is 64x64 (`if h == 64`),
+    i.e. when the map arriving here is 8x8; the 4x4 map of a 32x32 input passes unpooled."""
+
+    def forward(self, x):
+        return F.max_pool2d(x, 2) if x.shape[-2] == 8 else x
+
+
+def _vgg(depth, num_classes, repdistiller=True):
+    """VGG with BN as RepDistiller's vgg8/11/13/16 (models/vgg.py, `vggN_bn`; the KD tables' vgg13 ->
+    vgg8): five blocks of 3x3 conv (bias kept) + BN + ReLU, a max-pool before blocks 1-3 but not before
+    block 4 at 32x32, so the last block runs at 4x4; global average pool, one FC.
+    repdistiller=False: this repo's VGG before issue 26 (`vgg8_2x2`, ...): convs without bias and a
+    max-pool before every block after the first, so the last block runs at 2x2.
+    Neither is MCL-OKD's VGG-16 (winycg/MCL-OKD models/vgg.py): its convs keep their bias (14,774,436
+    params with a CIFAR-100 head, as RepDistiller's vgg16), but it max-pools after every block, so its
+    last block runs at 2x2 and is max-pooled to 1x1 (no average pool); OKDDip's VGG-16 (DefangChen/OKDDip)
+    has MCL-OKD's convs and a 512-512-classes MLP classifier."""
     stages, cin = [], 3
     for i, block in enumerate(VGG_CFG[depth]):
-        layers = [nn.MaxPool2d(2)] if i > 0 else []
+        layers = [] if i == 0 else [MaxPoolAt8()] if repdistiller and i == 4 else [nn.MaxPool2d(2)]
         for c in block:
-            layers.append(conv_bn(cin, c, 3))
+            layers.append(nn.Sequential(nn.Conv2d(cin, c, 3, 1, 1, bias=repdistiller), nn.BatchNorm2d(c),
+                                        nn.ReLU(inplace=True)))
             cin = c
         stages.append(nn.Sequential(*layers))
     return Net(stages, nn.Linear(cin, num_classes))
@@ -224,20 +241,102 @@ class InvertedResidual(nn.Module):
         return x + self.f(x) if self.res else self.f(x)
 
 
-def _mobilenetv2(num_classes):
-    """MobileNetV2 (width 1.0) for 32x32: stride-1 stem and first stride-2 stage made stride 1."""
-    # (expansion, channels, blocks, stride), grouped into stages by output resolution 32/16/8/4
+def _mobilenetv2(num_classes, width=1.0, stem_stride=1):
+    """MobileNetV2 for 32x32. width 1.0: stride-1 stem and first stride-2 stage made stride 1.
+    width 0.5, stem_stride 2: RepDistiller's `mobile_half` (models/mobilenetv2.py), the "MobileNetV2" of
+    every KD table: channels int(c * 0.5), stride-2 stem, the last 1x1 conv still 1280 wide; its maps
+    are 16/16/8/4/2 on a 32x32 input."""
+    # (expansion, channels, blocks, stride), grouped into stages by output resolution (32/16/8/4 at width 1)
     cfg = [[(1, 16, 1, 1), (6, 24, 2, 1)], [(6, 32, 3, 2)], [(6, 64, 4, 2), (6, 96, 3, 1)], [(6, 160, 3, 2), (6, 320, 1, 1)]]
-    stages, cin = [conv_bn(3, 32, 3)], 32
+    cin = int(32 * width)
+    stages = [conv_bn(3, cin, 3, stem_stride)]
     for group in cfg:
         blocks = []
         for t, c, n, s in group:
             for j in range(n):
-                blocks.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
-                cin = c
+                blocks.append(InvertedResidual(cin, int(c * width), s if j == 0 else 1, t))
+                cin = int(c * width)
         stages.append(nn.Sequential(*blocks))
     stages[-1].append(conv_bn(cin, 1280))
     return Net(stages, nn.Linear(1280, num_classes))
+
+
+class ChannelShuffle(nn.Module):
+    """(N, C, H, W) -> (N, g, C/g, H, W) -> swap the two channel axes -> (N, C, H, W)."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleV1Block(nn.Module):
+    """ShuffleNet unit as RepDistiller's (models/ShuffleNetv1.py): grouped 1x1 + BN + ReLU (one group right
+    after the 24-channel stem), channel shuffle, depthwise 3x3 + BN + ReLU (RepDistiller keeps this ReLU;
+    the paper has none), grouped 1x1 + BN; stride 2: concatenated with a 3x3 average-pooled input, else
+    added to it; ReLU."""
+
+    def __init__(self, cin, cout, stride, groups):
+        super().__init__()
+        mid, g = cout // 4, 1 if cin == 24 else groups
+        self.f = nn.Sequential(conv_bn(cin, mid, groups=g), ChannelShuffle(g), conv_bn(mid, mid, 3, stride, groups=mid),
+                               conv_bn(mid, cout, groups=groups, relu=False))
+        self.short = nn.AvgPool2d(3, 2, 1) if stride == 2 else None
+
+    def forward(self, x):
+        y = self.f(x)
+        return F.relu(torch.cat([y, self.short(x)], 1) if self.short is not None else y + x)
+
+
+def _shufflev1(num_classes, widths=(240, 480, 960), depths=(4, 8, 4), groups=3):
+    """RepDistiller's ShuffleV1 (groups 3): 1x1 conv stem to 24 channels at 32x32, three stages at 16/8/4,
+    each opened by a stride-2 unit that concatenates."""
+    stages, cin = [conv_bn(3, 24)], 24
+    for w, n in zip(widths, depths):
+        blocks = [ShuffleV1Block(cin, w - cin, 2, groups)]  # + the pooled input's cin channels = w
+        blocks += [ShuffleV1Block(w, w, 1, groups) for _ in range(n - 1)]
+        stages.append(nn.Sequential(*blocks))
+        cin = w
+    return Net(stages, nn.Linear(cin, num_classes))
+
+
+class ShuffleV2Block(nn.Module):
+    """ShuffleNetV2 unit as RepDistiller's (models/ShuffleNetv2.py). Stride 1: the second half of the
+    channels through 1x1 + BN + ReLU, depthwise 3x3 + BN, 1x1 + BN + ReLU, concatenated after the first
+    half. Stride 2 (cin -> cout): depthwise 3x3/2 + BN, 1x1 + BN + ReLU beside 1x1 + BN + ReLU, depthwise
+    3x3/2 + BN, 1x1 + BN + ReLU, cout/2 channels each, concatenated. Then a shuffle in 2 groups."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        c = cout // 2
+        self.down = stride == 2
+        if self.down:
+            self.left = nn.Sequential(conv_bn(cin, cin, 3, 2, relu=False, groups=cin), conv_bn(cin, c))
+        b = cin if self.down else c
+        self.right = nn.Sequential(conv_bn(b, c), conv_bn(c, c, 3, stride, relu=False, groups=c), conv_bn(c, c))
+        self.shuffle = ChannelShuffle(2)
+
+    def forward(self, x):
+        if self.down:
+            y = torch.cat([self.left(x), self.right(x)], 1)
+        else:
+            c = x.shape[1] // 2
+            y = torch.cat([x[:, :c], self.right(x[:, c:])], 1)
+        return self.shuffle(y)
+
+
+def _shufflev2(num_classes, widths=(116, 232, 464), depths=(3, 7, 3), last=1024):
+    """RepDistiller's ShuffleV2 (net_size 1): 1x1 conv stem to 24 channels at 32x32, three stages at 16/8/4,
+    each a stride-2 unit and `depth` stride-1 units; the last stage ends with 1x1 conv to 1024 + BN + ReLU."""
+    stages, cin = [conv_bn(3, 24)], 24
+    for w, n in zip(widths, depths):
+        stages.append(nn.Sequential(ShuffleV2Block(cin, w, 2), *[ShuffleV2Block(w, w, 1) for _ in range(n)]))
+        cin = w
+    stages[-1].append(conv_bn(cin, last))
+    return Net(stages, nn.Linear(last, num_classes))
 
 
 ARCHS = {
@@ -250,9 +349,13 @@ ARCHS = {
     "wrn_40_1": lambda nc: _wrn(40, 1, nc), "wrn_40_2": lambda nc: _wrn(40, 2, nc),
     "wrn_28_10": lambda nc: _wrn(28, 10, nc),
     "wrn_20_8": lambda nc: _resnet(Bottleneck, [2, 2, 2], [16, 32, 64], nc, width_mult=8),  # PCL's "WRN-20-8"
-    **{f"vgg{d}": (lambda d: lambda nc: _vgg(d, nc))(d) for d in (8, 11, 13, 16)},
+    **{f"vgg{d}": (lambda d: lambda nc: _vgg(d, nc))(d) for d in VGG_CFG},  # RepDistiller's
+    # vgg8..vgg16 before issue 26 (no conv bias, last block at 2x2), kept so that older runs still build
+    **{f"vgg{d}_2x2": (lambda d: lambda nc: _vgg(d, nc, repdistiller=False))(d) for d in VGG_CFG},
     "densenet40_12": lambda nc: _densenet_bc(40, 12, nc),
     "mobilenetv2": _mobilenetv2,
+    "mobilenetv2_half": lambda nc: _mobilenetv2(nc, width=0.5, stem_stride=2),  # RepDistiller's "MobileNetV2"
+    "shufflev1": _shufflev1, "shufflev2": _shufflev2,  # RepDistiller's ShuffleV1 / ShuffleV2
 }
 
 
@@ -288,9 +391,11 @@ ARCHS.update({
 # How the reference implementations initialise their CIFAR nets (RepDistiller's models/, ONE, FFL,
 # MCL-OKD, SOKD, the PCL re-implementation): every conv He-normal with fan_out, std sqrt(2 / (k*k*out)),
 # bias 0; every BatchNorm weight 1, bias 0; the classifier by family: PyTorch's default (ResNet,
-# DenseNet), default weight with bias 0 (WRN), N(0, 0.01) with bias 0 (VGG, MobileNetV2).
+# DenseNet), default weight with bias 0 (WRN), N(0, 0.01) with bias 0 (VGG, MobileNetV2). RepDistiller's
+# ShuffleV1/V2 initialise nothing: PyTorch's defaults throughout, as torchvision's nets keep torchvision's.
 LINEAR_INIT = {**{a: "zero_bias" for a in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10")},
-               **{f"vgg{d}": "normal" for d in VGG_CFG}, "mobilenetv2": "normal"}
+               **{a: "normal" for a in ARCHS if a.startswith(("vgg", "mobilenetv2"))}}
+OWN_INIT = (*TORCHVISION_ARCHS, "shufflev1", "shufflev2")  # left as their constructors made them
 
 
 @torch.no_grad()
@@ -314,11 +419,11 @@ def init_weights(module, linear="default"):
 
 def build_model(arch, num_classes):
     """A backbone by name, e.g. build_model('resnet32', 100), initialised as its reference does
-    (torchvision's ImageNet nets keep torchvision's own initialisation)."""
+    (torchvision's ImageNet nets and the ShuffleNets keep their constructors' initialisation: OWN_INIT)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     net = ARCHS[arch](num_classes)
-    if arch in TORCHVISION_ARCHS:
+    if arch in OWN_INIT:
         return net
     return init_weights(net, LINEAR_INIT.get(arch, "default"))  # wrn_20_8 is a ResNet: default
 

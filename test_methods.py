@@ -114,7 +114,7 @@ def test_param_counts_match_literature(arch):
     assert abs(n - LITERATURE[arch]) / LITERATURE[arch] < 0.01, n
 
 
-@pytest.mark.parametrize("arch", [a for a in common.ARCHS if a not in ("wrn_28_10", "vgg16", "resnet32x4")])
+@pytest.mark.parametrize("arch", [a for a in common.ARCHS if a not in ("wrn_28_10", "vgg16", "vgg16_2x2", "resnet32x4")])
 def test_backbone_shapes(arch):
     net = common.build_model(arch, 10).eval()
     z, feat, fmap = net(torch.randn(2, 3, 32, 32), features=True)
@@ -3772,3 +3772,124 @@ def test_oeckd_bad_arguments_are_refused(bad, msg, _oeckd_data, tmp_path, capsys
         run_main("oeckd", *TINY, "--data-dir", _oeckd_data, "--out", tmp_path / "r", *bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+# =================================================================================================
+# ===== backbones: RepDistiller zoo (vgg, mobilenetv2_half, shufflev1/v2) =====
+# The KD tables' networks as HobbitLong/RepDistiller defines them (models/vgg.py, mobilenetv2.py,
+# ShuffleNetv1.py, ShuffleNetv2.py), and this repo's VGGs before issue 26 under their new names.
+# =================================================================================================
+
+# parameter counts with a CIFAR-100 head, computed with RepDistiller's own classes (vggN = vggN_bn,
+# mobilenetv2_half = mobile_half, shufflev1/v2 = ShuffleV1/ShuffleV2)
+REPDISTILLER = {"vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436,
+                "mobilenetv2_half": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528}
+# what vgg8..vgg16 built before issue 26 (no conv bias: 1,472 .. 4,224 fewer), and the untouched MobileNetV2
+OLD_NAMES = {"vgg8_2x2": 3_963_556, "vgg11_2x2": 9_274_532, "vgg13_2x2": 9_459_236, "vgg16_2x2": 14_770_212,
+             "mobilenetv2": 2_353_060}
+# (channels of the last map, map size after every stage) on a 32x32 input
+ZOO_MAPS = {"vgg8": (512, [32, 16, 8, 4, 4]), "vgg13": (512, [32, 16, 8, 4, 4]), "vgg8_2x2": (512, [32, 16, 8, 4, 2]),
+            "mobilenetv2_half": (1280, [16, 16, 8, 4, 2]), "shufflev1": (960, [32, 16, 8, 4]),
+            "shufflev2": (1024, [32, 16, 8, 4])}
+
+
+def _zoo_maps(net, size=32):
+    x, sizes = torch.randn(2, 3, size, size), []
+    for stage in net.stages:
+        x = stage(x)
+        sizes.append(x.shape[-1])
+    return x, sizes
+
+
+@pytest.mark.parametrize("arch", sorted({**REPDISTILLER, **OLD_NAMES}))
+def test_zoo_param_counts_equal_the_references(arch):
+    assert common.count_params(common.build_model(arch, 100)) == {**REPDISTILLER, **OLD_NAMES}[arch]
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO_MAPS))
+def test_zoo_output_shape_and_map_sizes(arch):
+    """RepDistiller's VGG pools before blocks 1-3 only: its last block runs at 4x4 on 32x32 (the old one at 2x2)."""
+    torch.manual_seed(0)
+    net = common.build_model(arch, 100).eval()
+    with torch.no_grad():
+        fmap, sizes = _zoo_maps(net)
+        z = net(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 100) and fmap.shape == (2, ZOO_MAPS[arch][0], sizes[-1], sizes[-1])
+    assert sizes == ZOO_MAPS[arch][1]
+
+
+def test_zoo_vgg_pools_before_its_last_block_on_64x64_inputs_only():
+    """RepDistiller's `if h == 64: x = self.pool3(x)`: at 64x64 the last block runs at 4x4 as well."""
+    net = common.build_model("vgg8", 10).eval()
+    with torch.no_grad():
+        assert _zoo_maps(net, 64)[1] == [64, 32, 16, 8, 4]
+    assert all(m.bias is not None and torch.all(m.bias == 0) for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(m.bias is None for m in common.build_model("vgg8_2x2", 10).modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_zoo_init_as_repdistiller():
+    """mobile_half: He-normal fan_out convs, FC N(0, 0.01) bias 0; ShuffleV1/V2 initialise nothing in
+    RepDistiller, so every conv keeps PyTorch's uniform in +-1/sqrt(fan_in) (He-normal with fan_out would
+    leave those bounds) and the classifier a non-zero bias."""
+    torch.manual_seed(0)
+    mob = common.build_model("mobilenetv2_half", 100)
+    conv = mob.stages[3][0].f[0][0]  # the first 1x1 expansion at 8x8: 16 -> 96
+    assert abs(conv.weight.std().item() / math.sqrt(2.0 / conv.out_channels) - 1) < 0.1
+    assert torch.all(mob.fc.bias == 0) and abs(mob.fc.weight.std().item() - 0.01) < 0.001
+    for arch in ("shufflev1", "shufflev2"):
+        net = common.build_model(arch, 100)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                assert m.weight.abs().max().item() <= 1 / math.sqrt(fan_in), (arch, m)
+        assert net.fc.bias.abs().max() > 0
+
+
+def _zoo_method(method, arch, nc):
+    if method == "one":
+        return one.ONE(_oneffl_args(arch=arch, branches=2), nc)
+    if method == "ffl":
+        return ffl.FFL(_oneffl_args(arch=arch, branches=2), nc)
+    if method == "pcl":
+        return pcl.PCL(argparse.Namespace(arch=arch, peers=2, T=3.0, rampup=80, ema_decay=0.999), nc)
+    if method == "mcl":
+        return mcl.MCL(argparse.Namespace(arch=arch, branches=2, T=3.0, dot_w=1.0, nce_w=0.025, feat_dim=16,
+                                          nce_k=4, nce_t=0.1, nce_m=0.5, batch_size=2), nc)
+    if method == "cl":
+        return cl.CL(_cl_args(arch=arch), nc)
+    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=2, T=3.0, rampup=80), nc)
+
+
+@pytest.mark.parametrize("arch", ["vgg8", "mobilenetv2_half", "shufflev1", "shufflev2"])
+@pytest.mark.parametrize("method", ["one", "ffl", "pcl", "mcl", "cl", "okddip"])
+def test_zoo_every_method_that_splits_networks_trains_them(method, arch):
+    """Each new net is stages + pool + FC like the others, so every method that cuts networks at a stage
+    (split_model at -1 or -2) builds and takes a step on it: finite loss, gradient in the trunk, every head."""
+    torch.manual_seed(0)
+    nc = 5
+    model = _zoo_method(method, arch, nc)
+    if hasattr(model, "on_data"):
+        model.on_data(torch.arange(8) % nc)
+    g = torch.Generator().manual_seed(1)
+    views = getattr(model, "views", 1)
+    xs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(views)]
+    y, idx = torch.tensor([0, 1]), torch.tensor([3, 6])
+    loss, terms = model(tuple(xs) if views > 1 else xs[0], y, idx, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    trunk = model.trunk
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trunk.parameters())
+    with torch.no_grad():
+        heads = model.eval().heads(xs[0])
+    assert all(z.shape == (2, nc) for z in heads.values()) and model.deploy in heads
+
+
+@pytest.mark.parametrize("arch", ["vgg8", "mobilenetv2_half", "shufflev1", "shufflev2"])
+def test_zoo_sokd_bridge_and_ffsd_decoders_fit_the_new_nets(tmp_path, arch):
+    """SOKD's bridge is split_model(teacher, -1) and FFSD decodes every stage's map: both take the new nets."""
+    model = _sokd_model(_sokd_teacher(tmp_path / "t.pt", arch), arch="resnet8")
+    t = model.teacher
+    assert common.count_params(model.bridge) == common.count_params(t.stages[-1], t.fc)
+    m = _ffsd_model(arch=arch, students=2)
+    with torch.no_grad():
+        _, maps = ffsd.stage_maps(m.leader.eval(), torch.randn(2, 3, 32, 32))
+        assert [o.shape for o in ffsd.decode(m.decoders[0].eval(), maps[-1])] == [f.shape for f in maps[:-1]]
