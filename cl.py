@@ -4,9 +4,9 @@ sharing (Guocong Song, Wei Chai; NeurIPS 2018). https://arxiv.org/abs/1805.11761
 Idea: H classifier heads of one network learn together on the same batch. Each head learns from the
 labels and from the consensus of the others: the mean of the OTHER heads' logits, softened by T, is
 its soft target. The low layers are shared (ILR sharing), and "backpropagation rescaling" divides
-the gradient entering each shared output by the number k of its consumers, so that a shared layer
-gets the mean, not the sum, of the gradients of the heads above it. One head alone is deployed, at
-the backbone's cost.
+the gradient entering a shared output (here as in MCL-OKD: by 2 at every split of the tree below),
+so that with the default 4 heads a shared layer gets the mean, not the sum, of the gradients of the
+heads above it. One head alone is deployed, at the backbone's cost.
 
     stem..stage1 --/2--+-- stage2 (a) --/2--+-- stage3 + fc --> z_1     hierarchical sharing with 4
                        |                    +-- stage3 + fc --> z_2     heads (the default); /k:
@@ -24,12 +24,14 @@ Deviations from the paper, and choices (no official code; the public re-implemen
      backpropagation rescaling that aggregates the heads' gradient flows into the shared layers.
      NOT confirmed in the paper's text: T = 2, beta = 0.5 (hard and soft weights summing to 1),
      the T^2 factor, the split points, and that 4 heads with hierarchical sharing is its best
-     setting (second-hand: this project's method notes, and MCL-OKD's choice). T = 2 and beta = 0.5 are where two re-implementations agree,
-     both written after the paper: winycg/MCL-OKD main_cifar_cl_ilr.py (--kd_T 2; 0.5 CE + 0.5
-     T^2 KL per head) and qq456cvb/Collaborative-Learning main.py (T = 2, beta = 0.5).
-  2. The soft target t_h is detached, as in MCL-OKD; qq456cvb's README lists its gradient through
-     the target (q) as a possible difference from the paper. DefangChen/OKDDip train_one.py (--avg
-     --bpscale) does not detach it (utils.KL_Loss): that bug is not copied.
+     setting (MCL-OKD's choice, not the paper's text as read). T = 2 and beta = 0.5 are where two
+     re-implementations agree, both written after the paper: winycg/MCL-OKD main_cifar_cl_ilr.py
+     (--kd_T 2; 0.5 CE + 0.5 T^2 KL per head) and qq456cvb/Collaborative-Learning main.py (T = 2,
+     beta = 0.5).
+  2. The soft target t_h is detached, as in MCL-OKD and in qq456cvb (main.py line 106:
+     q = tf.stop_gradient(q); its current README says so too; an older README said the gradient
+     passed through q, which the code has not done since commit c1c4a73). DefangChen/OKDDip
+     train_one.py (--avg --bpscale) does not detach it (utils.KL_Loss): that bug is not copied.
   3. The soft loss is kd() = T^2 KL, as MCL-OKD; qq456cvb uses the cross-entropy -sum q log p^T
      without T^2 (same gradient direction, T^2 = 4 times smaller).
   4. Hierarchical sharing, the default (--sharing hierarchical), splits as MCL-OKD
@@ -38,6 +40,14 @@ Deviations from the paper, and choices (no official code; the public re-implemen
      output. For every --arch the cut is the same in common.Net's stages: all but the last two
      shared, the second-to-last shared by pairs, the last per head. An odd --heads leaves the last
      head alone on its own stage2 copy (gradient x 1, as MCL-OKD).
+     The rescaling is MCL-OKD's for every --heads: the stage1 output's gradient is divided by 2
+     whatever the number of stage2 copies (cl_ilr_resnet.py: layer_ILR(x, 2)), each stage2 copy's by
+     the number of its heads (2, or 1 for a lone last head). So stem..stage1 gets half the sum of what
+     its copies pass down, g_h being head h's gradient: H = 4: (1/4) sum_h g_h, the heads' mean;
+     H = 3: (g_1 + g_2)/4 + g_3/2; H = 2 (one copy): (g_1 + g_2)/4, half the mean; H = 5:
+     (g_1 + .. + g_4)/4 + g_5/2; H = 6 (three copies): (1/4) sum_h g_h, 1.5x the mean. The rule
+     "divide by the number of copies" would give the mean for H = 2 and 6; it is not used: MCL-OKD's
+     rule is followed for every H (its runs use 4 heads, where the two rules agree).
   5. --sharing simple is OKDDip's variant (resnet_one.py --bpscale): stem..stage2 shared by every
      head, gradient / H at its output. OKDDip also uses T = 3, weights 1 and 1 and an 80-epoch
      ramp-up; only T is offered here (--T 3). No ramp-up: neither MCL-OKD nor qq456cvb has one.
@@ -122,7 +132,7 @@ class CL(nn.Module):
     def head_logits(self, x):
         h = self.trunk(x)
         if len(self.mids):
-            h = self.scale(h, len(self.mids))
+            h = self.scale(h, 2)  # MCL-OKD: / 2 whatever the number of stage2 copies
             mids = [self.scale(m(h), self.route.count(g)) for g, m in enumerate(self.mids)]
             inputs = [mids[g] for g in self.route]
         else:

@@ -2546,6 +2546,62 @@ def test_cl_rescaling_gives_each_shared_layer_1_over_k_of_the_sum_of_its_heads_g
         assert torch.allclose(q.grad, 4 * p.grad, rtol=1e-4, atol=1e-7)
 
 
+class _MCLOKDILR(torch.autograd.Function):
+    """winycg/MCL-OKD models/cl_ilr_resnet.py ILR, as written there: identity forward, grad / n backward."""
+
+    @staticmethod
+    def forward(ctx, input, num_branches):
+        ctx.num_branches = num_branches
+        return input
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output / ctx.num_branches, None
+
+
+def _cl_mcl_okd_logits(m, x, stage1_rule):
+    """The heads' logits through MCL-OKD's ResNet._forward on the CL model's modules: layer_ILR(x, 2) on the
+    stage1 output, then per stage2 copy i: /2 if number_net - 2i >= 2 (a pair), else none (a lone head).
+    stage1_rule "copies": the stage1 output divided by the number of copies instead (cl.py before it
+    followed MCL-OKD for every H), to show where the two rules part."""
+    H = len(m.branches)
+    x = m.trunk(x)
+    x = _MCLOKDILR.apply(x, 2 if stage1_rule == "mcl-okd" else len(m.mids))
+    x2 = []
+    for i in range(math.ceil(H / 2)):
+        out = m.mids[i](x)
+        if H - i * 2 >= 2:
+            out = _MCLOKDILR.apply(out, 2)
+            x2 += [out, out]
+        else:
+            x2.append(out)
+    return [m.branches[i](x2[i]) for i in range(H)]
+
+
+@pytest.mark.parametrize("heads", [2, 3, 4, 5, 6])
+def test_cl_rescaling_follows_mcl_okd_for_every_number_of_heads(heads):
+    """Same weights, same batch, same loss: every parameter's gradient equals that of MCL-OKD's forward
+    (its ILR placement rebuilt above). The rule 'stage1 / number of copies' agrees with it for 3 and 4
+    heads (the default 4: the same numbers as before) and differs on the trunk for 2, 5 and 6."""
+    m = _cl_model(heads=heads)
+    x, y = _cl_batch()
+    names = [n for n, _ in m.named_parameters()]
+    got = dict(zip(names, torch.autograd.grad(m(x, y, None, 0)[0], list(m.parameters()))))
+    want = {}
+    for rule in ("mcl-okd", "copies"):
+        loss, _ = cl.cl_loss(_cl_mcl_okd_logits(m, x, rule), y, 2.0, 0.5)
+        want[rule] = dict(zip(names, torch.autograd.grad(loss, list(m.parameters()))))
+    for n in names:
+        assert torch.allclose(got[n], want["mcl-okd"][n], rtol=1e-5, atol=1e-8), n
+    trunk = [n for n in names if n.startswith("trunk.")]
+    same = all(torch.allclose(want["copies"][n], want["mcl-okd"][n], rtol=1e-5, atol=1e-8) for n in trunk)
+    assert same == (heads in (3, 4))
+    if heads == 4:  # the default: bit for bit what the per-copy rule gave
+        assert all(torch.equal(want["copies"][n], want["mcl-okd"][n]) for n in names)
+    if heads == 2:  # one copy: the trunk gets half of what its copy passes down, 1/4 of the heads' sum
+        assert all(torch.allclose(2 * want["mcl-okd"][n], want["copies"][n], rtol=1e-5, atol=1e-8) for n in trunk)
+
+
 def test_cl_rescaling_changes_nothing_forward():
     on = _cl_model()
     off = copy.deepcopy(on)
@@ -2738,9 +2794,9 @@ def test_cl_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # OKDDip (okddip.py)
 # ------------------------------------------------------------------------------------------------
-def _okddip_model(arch="resnet8", nc=10, peers=3, seed=0):
+def _okddip_model(arch="resnet8", nc=10, peers=3, seed=0, detach_targets=False):
     torch.manual_seed(seed)
-    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=peers, T=3.0, rampup=80), nc)
+    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=peers, T=3.0, rampup=80, detach_targets=detach_targets), nc)
 
 
 def _okddip_batch(B=4, nc=10):
@@ -2797,15 +2853,29 @@ ALPHA = [[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.0, 0.25, 0.75]],
 Y = [1, 2]
 
 
-def test_okddip_loss_matches_hand_computation():
-    T, w = 3.0, 0.4
+def _okddip_hand_kl(student, teacher, T, eps):
+    """The official utils.KL_Loss by hand: T^2 sum_c (p_c + eps) log((p_c + eps) / q_c), row mean."""
+    total = 0.0
+    for s, t in zip(student, teacher):
+        ps, pt = _hand_softmax(s, T), _hand_softmax(t, T)
+        total += sum((a + eps) * math.log((a + eps) / b) for a, b in zip(pt, ps))
+    return T * T * total / len(student)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_okddip_loss_matches_hand_computation(detach):
+    """Official (default): 1e-7 added to every target's probabilities; --detach-targets: none."""
+    T, w, eps = 3.0, 0.4, 0.0 if detach else 1e-7
     total, terms = okddip.okddip_loss([torch.tensor(z) for z in Z], torch.tensor(LEADER), torch.tensor(ALPHA),
-                                      torch.tensor(Y), T, w)
+                                      torch.tensor(Y), T, w, detach_targets=detach)
     # targets by hand: t_a[i][c] = sum_b alpha[i][a][b] * z_b[i][c]
     t = [[[sum(ALPHA[i][a][b] * Z[b][i][c] for b in range(3)) for c in range(3)] for i in range(2)] for a in range(3)]
     mean = [[sum(Z[b][i][c] for b in range(3)) / 3 for c in range(3)] for i in range(2)]
     want = {"ce": sum(_hand_ce(z, Y) for z in Z), "ce_l": _hand_ce(LEADER, Y),
-            "kd": w * sum(_hand_kd(Z[a], t[a], T) for a in range(3)), "kd_l": w * _hand_kd(LEADER, mean, T)}
+            "kd": w * sum(_okddip_hand_kl(Z[a], t[a], T, eps) for a in range(3)),
+            "kd_l": w * _okddip_hand_kl(LEADER, mean, T, eps)}
+    if detach:  # no epsilon: the plain KL of every other kd() in the project
+        assert want["kd_l"] == pytest.approx(w * _hand_kd(LEADER, mean, T), rel=1e-12)
     assert set(terms) == set(want)
     for k, v in want.items():
         assert terms[k].item() == pytest.approx(v, rel=1e-5), k
@@ -2814,13 +2884,14 @@ def test_okddip_loss_matches_hand_computation():
 
 
 def test_okddip_peer_kd_gradient_treats_targets_as_constants_but_reaches_alpha():
-    """On leaf tensors: d kd / d z_a is w T (p_a^T - p^T(t_a)) / B, the gradient with t_a a constant (no
-    gradient into the other peers through the targets); alpha gets gradient; kd_l reaches only the leader."""
+    """--detach-targets, on leaf tensors: d kd / d z_a is w T (p_a^T - p^T(t_a)) / B, the gradient with
+    t_a a constant (no gradient into the other peers through the targets); alpha gets gradient; kd_l
+    reaches only the leader."""
     T, w = 3.0, 0.5
     z = [torch.tensor(v, requires_grad=True) for v in Z]
     lead = torch.tensor(LEADER, requires_grad=True)
     alpha = torch.tensor(ALPHA, requires_grad=True)
-    _, terms = okddip.okddip_loss(z, lead, alpha, torch.tensor(Y), T, w)
+    _, terms = okddip.okddip_loss(z, lead, alpha, torch.tensor(Y), T, w, detach_targets=True)
     gz = torch.autograd.grad(terms["kd"], [*z, alpha, lead], allow_unused=True)
     t = torch.tensor(ALPHA) @ torch.tensor(Z).transpose(0, 1)  # (B, m, C)
     for a in range(3):
@@ -2830,6 +2901,41 @@ def test_okddip_peer_kd_gradient_treats_targets_as_constants_but_reaches_alpha()
     assert gz[4] is None  # the leader is not in the peers' KD
     gl = torch.autograd.grad(terms["kd_l"], [*z, alpha, lead], allow_unused=True)
     assert all(g is None for g in gl[:4]) and gl[4].abs().sum() > 0  # the mean of the peers is a target only
+
+
+def test_okddip_official_kd_gradient_flows_through_the_targets():
+    """Default (official), on leaf tensors: the peers' KD and the leader's KD give every peer logit the
+    gradient of the official KL_Loss with its target live, checked against a separate autograd of the
+    formula written out (sum_c (p_c + 1e-7) (log(p_c + 1e-7) - log q_c)); the other peers and alpha get
+    gradient through t_a, the peers through the leader's mean."""
+    T, w = 3.0, 0.5
+    z = [torch.tensor(v, requires_grad=True) for v in Z]
+    lead = torch.tensor(LEADER, requires_grad=True)
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    _, terms = okddip.okddip_loss(z, lead, alpha, torch.tensor(Y), T, w)
+    zs = torch.stack(z, 1)  # (B, m, C)
+
+    def hand(student, target):
+        p = torch.exp(target / T) / torch.exp(target / T).sum(1, keepdim=True) + 1e-7
+        q = torch.exp(student / T) / torch.exp(student / T).sum(1, keepdim=True)
+        return T * T * (p * (p.log() - q.log())).sum() / student.shape[0]
+
+    t = torch.einsum("iab,ibc->iac", alpha, zs)
+    want_kd = w * sum(hand(z[a], t[:, a]) for a in range(3))
+    want_l = w * hand(lead, zs.mean(1))
+    assert terms["kd"].item() == pytest.approx(want_kd.item(), rel=1e-5)
+    assert terms["kd_l"].item() == pytest.approx(want_l.item(), rel=1e-5)
+    for got, want in [(terms["kd"], want_kd), (terms["kd_l"], want_l)]:
+        g1 = torch.autograd.grad(got, [*z, alpha, lead], allow_unused=True, retain_graph=True)
+        g2 = torch.autograd.grad(want, [*z, alpha, lead], allow_unused=True, retain_graph=True)
+        for a, b in zip(g1, g2):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    gz = torch.autograd.grad(terms["kd"], z)
+    for a in range(3):  # not the constant-target gradient: t_a's own graph adds to it
+        const = w * T * ((torch.tensor(Z[a]) / T).softmax(1) - (t[:, a].detach() / T).softmax(1)) / 2
+        assert (gz[a] - const).abs().max() > 1e-3
+    gl = torch.autograd.grad(terms["kd_l"], z)
+    assert all(g.abs().sum() > 1e-4 for g in gl)  # the leader's KD moves every peer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2848,48 +2954,189 @@ def _okddip_grads(loss, modules):
     return out
 
 
-def test_okddip_each_term_trains_its_modules_only():
-    m = _okddip_model()
+@pytest.mark.parametrize("detach", [False, True])
+def test_okddip_each_term_trains_its_modules_only(detach):
+    """Official (default): the leader's KD also trains the peers (through the mean). --detach-targets:
+    it trains the leader and the trunk only. The peers' KD trains every peer under both: the other peers
+    through t_a (official) or, detached, each peer as its own student."""
+    m = _okddip_model(detach_targets=detach)
     x, y = _okddip_batch()
     _, terms = m(x, y, None, 80)
     mods = {"trunk": m.trunk, "peer1": m.peers[0], "peer2": m.peers[1], "peer3": m.peers[2],
             "leader": m.leader, "query": m.query, "key": m.key}
-    expect = {"ce": {"trunk", "peer1", "peer2", "peer3"}, "ce_l": {"trunk", "leader"},
-              "kd": {"trunk", "peer1", "peer2", "peer3", "query", "key"}, "kd_l": {"trunk", "leader"}}
+    peers = {"peer1", "peer2", "peer3"}
+    expect = {"ce": {"trunk", *peers}, "ce_l": {"trunk", "leader"},
+              "kd": {"trunk", *peers, "query", "key"}, "kd_l": {"trunk", "leader"} | (set() if detach else peers)}
     for term, trained in expect.items():
         g = _okddip_grads(terms[term], mods)
         assert {n for n, v in g.items() if v > 0} == trained, (term, g)
 
 
-def test_okddip_one_peers_kd_trains_that_peer_and_the_projections_not_the_other_peers():
+@pytest.mark.parametrize("detach", [False, True])
+def test_okddip_one_peers_kd_trains_that_peer_and_the_projections_and_officially_the_other_peers(detach):
     """KL(t_1 || z_1) alone: peer 1 (student), the trunk, W_q and W_k; peers 2 and 3 (whose logits and
-    features build t_1) and the leader get nothing."""
-    m = _okddip_model()
+    features build t_1) get gradient in the official flow and nothing under --detach-targets; the
+    leader never."""
+    m = _okddip_model(detach_targets=detach)
     x, _ = _okddip_batch()
     h = m.trunk(x)
     outs = [p(h, features=True) for p in m.peers]
     logits = [z for z, _, _ in outs]
-    t = okddip.peer_targets(logits, m.attention_weights([f for _, f, _ in outs]))
-    kl1 = torch.nn.functional.kl_div(torch.log_softmax(logits[0] / 3, 1), torch.softmax(t[:, 0] / 3, 1),
-                                     reduction="batchmean")
+    made_of = [z.detach() for z in logits] if detach else logits  # as okddip_loss builds them
+    t = okddip.peer_targets(made_of, m.attention_weights([f for _, f, _ in outs]))
+    kl1 = okddip.kl(logits[0], t[:, 0], 3.0)
     g = _okddip_grads(kl1, {"trunk": m.trunk, "peer1": m.peers[0], "peer2": m.peers[1], "peer3": m.peers[2],
                      "leader": m.leader, "query": m.query, "key": m.key})
-    assert g["peer1"] > 0 and g["trunk"] > 0 and g["query"] > 0 and g["key"] > 0
-    assert g["peer2"] == g["peer3"] == g["leader"] == 0.0
+    assert g["peer1"] > 0 and g["trunk"] > 0 and g["query"] > 0 and g["key"] > 0 and g["leader"] == 0.0
+    if detach:
+        assert g["peer2"] == g["peer3"] == 0.0
+    else:
+        assert g["peer2"] > 0 and g["peer3"] > 0
 
 
-def test_okddip_attention_gradient_reaches_only_the_projections():
-    """The peers' kd with alpha detached gives the peers and the trunk the very same gradient: the
-    attention path (through W_q, W_k and the features they read) ends at the projections."""
-    m = _okddip_model()
+@pytest.mark.parametrize("detach", [False, True])
+def test_okddip_attention_gradient_reaches_the_features_officially_and_only_the_projections_detached(detach):
+    """--detach-targets: the peers' kd with alpha detached gives the peers and the trunk the very same
+    gradient: the attention path ends at W_q, W_k (the features they read are detached). Official: the
+    attention path also reaches the peers' last stages and the trunk through the live features."""
+    m = _okddip_model(detach_targets=detach)
+    with torch.no_grad():  # sharpen the classifiers: the attention path's share well above rounding
+        for b in [*m.peers, m.leader]:
+            b.fc.weight.mul_(10)
     x, y = _okddip_batch()
     live = [*m.trunk.parameters(), *m.peers.parameters()]
     g1 = torch.autograd.grad(m(x, y, None, 80)[1]["kd"], live)
     real = m.attention_weights
     m.attention_weights = lambda feats: real(feats).detach()
     g2 = torch.autograd.grad(m(x, y, None, 80)[1]["kd"], live)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g1, g2))
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g1, g2))
+    assert same == detach
     assert any(a.abs().sum() > 0 for a in g1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the official gradient flow against a reconstruction of the official code
+# ------------------------------------------------------------------------------------------------
+
+def _okddip_official_loss(m, x, y, detach, T=3.0, w=1.0):
+    """DefangChen/OKDDip's step on the same modules, with plain torch ops: resnet_GL.py forward (lines
+    195-240: q, k per peer from its pooled feature, cat, energy = bmm(q, k^T), softmax, x_m = bmm(logits,
+    attention^T), logits stacked B x C x m) and train_GL.py lines 96-104 with utils.KL_Loss (softmax + 1e-7,
+    nn.KLDivLoss batchmean, x T^2), --alpha 1. detach=True adds the three detaches of --detach-targets
+    (peer logits in x_m, the features the projections read, the leader's mean) and drops the 1e-7."""
+    h = m.trunk(x)
+    pro, qs, ks = [], [], []
+    for p in m.peers:
+        z, f, _ = p(h, features=True)
+        f = f.detach() if detach else f
+        qs.append(m.query(f)[:, None, :])
+        ks.append(m.key(f)[:, None, :])
+        pro.append(z.unsqueeze(-1))
+    pro, proj_q, proj_k = torch.cat(pro, -1), torch.cat(qs, 1), torch.cat(ks, 1)
+    attention = F.softmax(torch.bmm(proj_q, proj_k.permute(0, 2, 1)), dim=-1)
+    x_m = torch.bmm(pro.detach() if detach else pro, attention.permute(0, 2, 1))
+    x_stu = m.leader(h)
+    eps = 0.0 if detach else 10 ** (-7)
+
+    def kl_loss(out, teacher):
+        return T * T * torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(out / T, dim=1),
+                                                                  F.softmax(teacher / T, dim=1) + eps)
+    m_ = pro.shape[2]
+    loss_true = sum(F.cross_entropy(pro[:, :, i], y) for i in range(m_))
+    loss_group = sum(kl_loss(pro[:, :, i], x_m[:, :, i]) for i in range(m_))
+    mean = torch.mean(pro, dim=2)
+    return loss_true + F.cross_entropy(x_stu, y) + w * (loss_group + kl_loss(x_stu, mean.detach() if detach else mean))
+
+
+def _okddip_param_grads(m, loss):
+    names = [n for n, _ in m.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss, list(m.parameters()))))
+
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("sharpen", [1.0, 10.0])
+def test_okddip_every_gradient_equals_the_reconstructed_official_step(detach, sharpen):
+    """Same weights, same batch: every parameter's gradient of the model's loss equals that of the
+    official step rebuilt above (default) or of that step with the three detaches (--detach-targets),
+    to 1e-5 of the parameter's largest gradient. sharpen: the classifiers' weights x10, confident
+    logits where the KD terms weigh."""
+    m = _okddip_model(detach_targets=detach)
+    with torch.no_grad():
+        for b in [*m.peers, m.leader]:
+            b.fc.weight.mul_(sharpen)
+    x, y = _okddip_batch(8)
+    got = _okddip_param_grads(m, m(x, y, None, 80)[0])  # epoch 80: w = 1
+    want = _okddip_param_grads(m, _okddip_official_loss(m, x, y, detach))
+    assert set(got) == set(want) and len(got) > 20
+    for n in got:
+        scale = want[n].abs().max()
+        assert scale > 0, n
+        assert (got[n] - want[n]).abs().max() <= 1e-5 * scale, (n, (got[n] - want[n]).abs().max() / scale)
+    # at another ramp weight too
+    got = _okddip_param_grads(m, m(x, y, None, 40)[0])
+    want = _okddip_param_grads(m, _okddip_official_loss(m, x, y, detach, w=common.ramp_up(40, 80)))
+    assert all((got[n] - want[n]).abs().max() <= 1e-5 * want[n].abs().max() for n in got)
+
+
+def test_okddip_official_flow_differs_from_the_detached_one():
+    """The two settings on the same weights and batch (relative L2 difference of each module's
+    gradient): the trunk and every peer differ, the leader and W_q, W_k do not (their gradients do not
+    pass through a detach; only the 1e-7 separates them). Numbers quoted in okddip.py's docstring."""
+    def module_diffs(sharpen):
+        gs = []
+        for detach in (False, True):
+            m = _okddip_model(detach_targets=detach)
+            with torch.no_grad():
+                for b in [*m.peers, m.leader]:
+                    b.fc.weight.mul_(sharpen)
+            x, y = _okddip_batch(8)
+            gs.append(_okddip_param_grads(m, m(x, y, None, 80)[0]))
+        out = {}
+        for mod in ["trunk", "peers.0", "peers.1", "peers.2", "leader", "query", "key"]:
+            a, b = (torch.cat([v.flatten() for k, v in g.items() if k.startswith(mod + ".")]) for g in gs)
+            out[mod] = ((a - b).norm() / b.norm()).item()
+        return out
+    d = module_diffs(1.0)  # as initialised: trunk ~2%, peers ~9-12%
+    assert d["trunk"] > 0.01 and all(d[f"peers.{a}"] > 0.05 for a in range(3))
+    assert d["leader"] < 1e-4 and d["query"] < 1e-4 and d["key"] < 1e-4
+    d = module_diffs(10.0)  # confident logits: trunk ~17%, peers ~19-26%
+    assert d["trunk"] > 0.1 and all(d[f"peers.{a}"] > 0.1 for a in range(3))
+    assert d["leader"] < 1e-4 and d["query"] < 1e-4 and d["key"] < 1e-4
+
+
+def test_okddip_official_flow_stays_finite_where_a_target_probability_underflows():
+    """A target logit gap of 400 at T = 3: softmax gives an exact 0 in fp32. Through a live target,
+    KL's gradient would be 0/0 there without the official 1e-7; with it every gradient is finite."""
+    z = [torch.tensor([[0.0, 400.0, 0.0]], requires_grad=True) for _ in range(3)]
+    lead = torch.tensor([[0.0, 1.0, 0.0]], requires_grad=True)
+    alpha = torch.full((1, 3, 3), 1 / 3, requires_grad=True)
+    assert F.softmax(z[0] / 3, 1)[0, 0].item() == 0.0
+    total, _ = okddip.okddip_loss(z, lead, alpha, torch.tensor([1]), 3.0, 1.0)
+    total.backward()
+    assert all(torch.isfinite(t.grad).all() for t in [*z, lead, alpha])
+    no_eps = okddip.kl(lead, z[0], 3.0, eps=0.0)
+    assert not torch.isfinite(torch.autograd.grad(no_eps, z[0])[0]).all()  # why the 1e-7 stays
+
+
+def test_okddip_detach_targets_option_reaches_the_model_default_off(monkeypatch, tmp_path):
+    a = _parse_script(monkeypatch, "okddip", "--out", tmp_path / "r")
+    assert a.detach_targets is False and okddip.OKDDip(a, 10).detach_targets is False
+    a = _parse_script(monkeypatch, "okddip", "--detach-targets", "--out", tmp_path / "r")
+    assert a.detach_targets is True and okddip.OKDDip(a, 10).detach_targets is True
+
+
+@pytest.mark.parametrize("stored, want", [(None, True), (False, False), (True, True)])
+def test_okddip_resume_keeps_the_flow_the_run_started_with(monkeypatch, tmp_path, stored, want):
+    """A run whose stored settings lack detach_targets trained with detached targets: --resume keeps
+    them; a stored value stands."""
+    out = tmp_path / "r"
+    a = vars(_parse_script(monkeypatch, "okddip", "--out", out))
+    a.pop("detach_targets")
+    if stored is not None:
+        a["detach_targets"] = stored
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({k: v for k, v in a.items() if k != "devices"}))
+    assert _parse_script(monkeypatch, "okddip", "--out", out, "--resume").detach_targets is want
 
 
 def test_okddip_projections_change_under_sgd_without_weight_decay():
