@@ -377,6 +377,8 @@ def readme(check=False, path=os.path.join(HERE, "README.md")):
 
 LAPTOP = "--dataset cifar10 --data-dir data --epochs 60 --eval-every 10 --gpus cpu --resume"
 LAPTOP_METHODS = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "cl", "okddip", "ffsd", "oeckd", "sokd"]
+# rows of a method with another setting: name -> (method, options)
+LAPTOP_VARIANTS = {"okddip-detached": ("okddip", "--detach-targets")}
 TEACHER = "--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt --teacher-arch resnet14"
 
 
@@ -389,6 +391,8 @@ def grid(name):
         for m in LAPTOP_METHODS:
             extra = f" {TEACHER}" if m in ("sokd", "kd", "reviewkd") else ""
             cmds.append(("students", f"{m}-s{seed}", f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed}{extra}"))
+        for name, (m, options) in LAPTOP_VARIANTS.items():
+            cmds.append(("students", f"{name}-s{seed}", f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed} {options}"))
     return [(stage, run, f"{cmd} --out runs/{name}/{run}") for stage, run, cmd in cmds]
 
 

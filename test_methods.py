@@ -1137,7 +1137,9 @@ def test_grid_commands_and_the_slurm_script_dry_mode(tmp_path):
     grid = summarize.grid("laptop")
     assert grid[0][:2] == ("teachers", "teacher-resnet14-s0")
     students = [c for s, _, c in grid if s == "students"]
-    assert len(students) == 3 * len(summarize.LAPTOP_METHODS) and all("--resume" in c for c in students)
+    assert len(students) == 3 * (len(summarize.LAPTOP_METHODS) + len(summarize.LAPTOP_VARIANTS))
+    assert all("--resume" in c for c in students)
+    assert sum("okddip.py" in c and c.endswith("--detach-targets --out runs/laptop/okddip-detached-s2") for c in students) == 1
     assert all(f"--out runs/laptop/{n}" in c for _, n, c in grid)
     assert all("--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt" in c for c in students if "sokd.py" in c)
     if shutil.which("bash") is None or shutil.which("awk") is None:
