@@ -391,8 +391,9 @@ def grid(name):
         for m in LAPTOP_METHODS:
             extra = f" {TEACHER}" if m in ("sokd", "kd", "reviewkd") else ""
             cmds.append(("students", f"{m}-s{seed}", f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed}{extra}"))
-        for name, (m, options) in LAPTOP_VARIANTS.items():
-            cmds.append(("students", f"{name}-s{seed}", f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed} {options}"))
+        for variant, (m, options) in LAPTOP_VARIANTS.items():
+            cmds.append(("students", f"{variant}-s{seed}",
+                         f"python {m}.py {LAPTOP} --arch resnet8 --seed {seed} {options}"))
     return [(stage, run, f"{cmd} --out runs/{name}/{run}") for stage, run, cmd in cmds]
 
 
