@@ -24,11 +24,13 @@ import common
 import dml
 import ffsd
 import ffl
+import kd
 import kdcl
 import mcl
 import okddip
 import one
 import pcl
+import reviewkd
 import sokd
 import summarize
 
@@ -4142,3 +4144,458 @@ def test_zoo_sokd_bridge_and_ffsd_decoders_fit_the_new_nets(tmp_path, arch):
     with torch.no_grad():
         _, maps = ffsd.stage_maps(m.leader.eval(), torch.randn(2, 3, 32, 32))
         assert [o.shape for o in ffsd.decode(m.decoders[0].eval(), maps[-1])] == [f.shape for f in maps[:-1]]
+
+# ===== kd.py =====
+# ------------------------------------------------------------------------------------------------
+# KD (Hinton et al., as RepDistiller runs it): a frozen baseline.py teacher, 0.1 CE + 0.9 KD, T = 4
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def offline_teacher(tmp_path_factory):
+    """(data folder, checkpoint, last test top-1) of a 1-epoch baseline.py resnet8: the teacher of the
+    kd.py and reviewkd.py runs below (half the shared fixture's images: two nets train per run)."""
+    root = tmp_path_factory.mktemp("offline")
+    data = fake_cifar(root / "cifar", n_train=128, n_test=64)
+    out = root / "teacher"
+    run_main("baseline", *TINY, "--data-dir", data, "--epochs", 1, "--schedule", "--out", out)
+    return data, out / "checkpoint.pt", read_final(out)["last"]["net"]
+
+
+def _kd_model(path, arch="resnet8", teacher_arch=None, **kw):
+    a = dict(arch=arch, teacher=str(path), teacher_arch=teacher_arch, dataset="cifar100", T=4.0, ce_weight=0.1,
+             kd_weight=0.9)
+    a.update(kw)
+    return kd.KD(argparse.Namespace(**a), 100)
+
+
+def test_kd_loss_matches_hand_computation():
+    z_s = [[1.0, 0.0, -1.0, 2.0], [0.5, 2.0, 0.0, -0.3]]
+    z_t = [[3.0, -1.0, 0.2, 0.0], [-0.5, 1.0, 2.5, 0.1]]
+    y = [3, 2]
+    total, ce, kl = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 4.0)
+    assert ce.item() == pytest.approx(0.1 * _hand_ce(z_s, y), rel=1e-5)
+    assert kl.item() == pytest.approx(0.9 * _hand_kd(z_s, z_t, 4.0), rel=1e-5)  # T^2 KL, batch mean
+    assert total.item() == pytest.approx(ce.item() + kl.item(), rel=1e-6)
+    total, ce, kl = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 2.0, 1.0, 0.5)
+    assert (ce.item(), kl.item()) == (pytest.approx(_hand_ce(z_s, y), rel=1e-5),
+                                      pytest.approx(0.5 * _hand_kd(z_s, z_t, 2.0), rel=1e-5))
+
+
+def test_kd_terms_train_the_student_only_and_the_teacher_stays_bit_identical(tmp_path):
+    model = _kd_model(_sokd_teacher(tmp_path / "t.pt"))
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    model.train()
+    assert model.training and model.student.training and not model.teacher.training
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 100, (4,), generator=g)
+    for term in ("ce", "kd"):  # each term on its own: gradient into the student, never into the teacher
+        model.zero_grad(set_to_none=True)
+        loss, terms = model(x, y, None, 0)
+        assert set(terms) == {"ce", "kd"} and loss.item() == pytest.approx(sum(v.item() for v in terms.values()))
+        terms[term].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.fc.parameters()), term
+        assert all(p.grad is None for p in model.teacher.parameters()), term
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    assert len(opt.param_groups[0]["params"]) == len(list(model.student.parameters()))
+    student0 = model.student.fc.weight.clone()
+    for _ in range(2):
+        loss, _ = model(x, y, None, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
+    assert not torch.equal(student0, model.student.fc.weight)
+
+
+def test_kd_heads_and_param_counts(tmp_path):
+    model = _kd_model(_sokd_teacher(tmp_path / "t.pt", "resnet14"), arch="resnet8")
+    n8, n14 = (common.count_params(common.build_model(a, 100)) for a in ("resnet8", "resnet14"))
+    assert model.head_params() == {"student": n8, "teacher": n14} and model.deploy == "student"
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.heads(x)
+        assert set(h) == {"student", "teacher"} and torch.equal(h["teacher"], model.teacher(x))
+
+
+@pytest.fixture(scope="module")
+def kd_run(offline_teacher, tmp_path_factory):
+    data, teacher, _ = offline_teacher
+    out = tmp_path_factory.mktemp("kd") / "a"
+    run_main("kd", *TINY, "--data-dir", data, "--teacher", teacher, "--epochs", 2, "--schedule", 1, "--out", out)
+    return out
+
+
+def test_kd_end_to_end_writes_every_head(kd_run, offline_teacher):
+    fin, log = read_final(kd_run), read_log(kd_run)
+    n = common.count_params(common.build_model("resnet8", 100))
+    assert fin["deploy"] == "student" and set(fin["last"]) == {"student", "teacher"}
+    assert fin["params"] == {"student": n, "teacher": n} and fin["args"]["teacher_arch"] == "resnet8"
+    assert len(log) == 2
+    for r in log:  # the weighted terms add up to the loss
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["kd"]), rel=1e-4)
+    # the teacher head is the frozen eval-mode baseline net: its accuracy never moves
+    t_acc = offline_teacher[2]
+    assert [float(r["teacher"]) for r in log] == [t_acc, t_acc]
+
+
+def test_kd_resume_reproduces_an_uninterrupted_run(kd_run, offline_teacher, tmp_path):
+    data, teacher, _ = offline_teacher
+    b = tmp_path / "b"
+    args = [*TINY, "--data-dir", data, "--teacher", teacher, "--epochs", 2, "--schedule", 1, "--out", b]
+    run_main("kd", *args, "--halt-after", 1)
+    assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    run_main("kd", *args, "--resume")
+    wa, wb = _weights(kd_run), _weights(b)
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_final(kd_run)["last"] == read_final(b)["last"]
+
+
+def test_kd_training_step_has_no_host_sync(monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, "kd", *TINY, "--batch-size", 16, "--bench", 2, "--out", tmp_path / "b",
+                             "--teacher-arch", "resnet8", "--teacher", "absent.pt")
+    assert c["n"] == 0, c["what"]
+
+
+def test_kd_ddp_two_gloo_processes_keep_ranks_identical(data, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli("kd", "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data, "--epochs", 1,
+                "--schedule", "--out", out, "--teacher", _sokd_teacher(tmp_path / "t.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fin = read_final(out)
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert set(fin["last"]) == set(fin["params"]) == {"student", "teacher"}
+
+
+def test_kd_runs_copied_next_to_common_alone(tmp_path):
+    for name in ("kd", "common"):
+        shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
+    r = subprocess.run([sys.executable, "kd.py", "-h"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--teacher", "--teacher-arch", "--T", "--ce-weight", "--kd-weight", "--recipe"):
+        assert flag in r.stdout
+
+
+def test_kd_missing_or_wrong_teacher_is_one_clear_line_and_no_run_folder(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        run_main("kd", *TINY, "--data-dir", data, "--teacher", tmp_path / "nope.pt", "--out", out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nope.pt" in err and len(err.strip().splitlines()) == 1
+    assert "python baseline.py --arch resnet110 --dataset cifar100" in err  # resnet8 has no table teacher
+    with pytest.raises(SystemExit):  # the table's teacher of the student is the one named
+        run_main("kd", *TINY, "--arch", "resnet20", "--data-dir", data, "--out", out)
+    err = capsys.readouterr().err
+    assert "runs/baseline-resnet56-cifar100-s0/checkpoint.pt" in err and "--arch resnet56" in err
+    path = _sokd_teacher(tmp_path / "t.pt", "resnet8")
+    with pytest.raises(SystemExit):
+        run_main("kd", *TINY, "--data-dir", data, "--teacher", path, "--teacher-arch", "wrn_16_1", "--out", out)
+    err = capsys.readouterr().err
+    assert "holds a resnet8" in err and "python baseline.py --arch wrn_16_1 --dataset cifar100" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        run_main("kd", *TINY, "--data-dir", data, "--teacher", _sokd_teacher(tmp_path / "c10.pt", dataset="cifar10"),
+                 "--out", out)
+    assert "trained on cifar10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main("kd", *TINY, "--data-dir", data, "--teacher-arch", "resnet33", "--out", out)
+    assert "invalid choice: 'resnet33'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_kd_recipe_paper_is_repdistillers(monkeypatch):
+    extra = ["--teacher-arch", "resnet8", "--teacher", "absent.pt", "--bench", 1]
+    a = _parse_script(monkeypatch, "kd", "--recipe", "paper", *extra)
+    assert (a.batch_size, a.epochs, a.lr, a.schedule, a.no_nesterov, a.wd, a.momentum) == \
+        (64, 240, 0.05, [150, 180, 210], True, 5e-4, 0.9)
+    assert (a.T, a.ce_weight, a.kd_weight, a.padding, a.norm) == (4.0, 0.1, 0.9, "zeros", "dataset")
+    assert _parse_script(monkeypatch, "kd", "--recipe", "paper", "--arch", "mobilenetv2", *extra).lr == 0.01
+    a = _parse_script(monkeypatch, "kd", "--recipe", "paper", "--lr", 0.03, "--epochs", 120, *extra)
+    assert a.lr == 0.03 and a.schedule == [75, 90, 105]  # given options win; milestones keep their fractions
+    a = _parse_script(monkeypatch, "kd", *extra)  # the default stays the protocol
+    assert (a.recipe, a.epochs, a.lr, a.batch_size, a.schedule, a.no_nesterov) == \
+        ("protocol", 300, 0.1, 128, [150, 225], False)
+
+
+# ===== reviewkd.py =====
+# ------------------------------------------------------------------------------------------------
+# ReviewKD: a frozen baseline.py teacher's pre-ReLU levels, ABF fusion deepest first, HCL
+# ------------------------------------------------------------------------------------------------
+
+def _rkd_model(path="", arch="resnet8", teacher_arch=None, lam=1.0, warmup=25):
+    a = argparse.Namespace(arch=arch, teacher=str(path), teacher_arch=teacher_arch, dataset="cifar100", warmup=warmup)
+    setattr(a, "lambda", lam)
+    return reviewkd.ReviewKD(a, 100)
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet110b", "resnet8x4", "wrn_16_1", "wrn_20_8"])
+def test_reviewkd_levels_are_the_nets_own_forward(arch):
+    """Reading the levels computes the net's own logits exactly; the student's levels are the stage
+    outputs, the teacher's their pre-activations (ResNet: relu(pre) = post; WRN: the next BN's input)."""
+    torch.manual_seed(0)
+    net = common.build_model(arch, 10)
+    for m in net.modules():  # non-trivial running statistics: the BN applied for the WRN pre-activation shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        post, z = reviewkd.features(net, x)
+        pre, z_pre = reviewkd.features(net, x, pre_relu=True)
+        assert torch.equal(z, net(x)) and torch.equal(z_pre, net(x))
+        h = net.stages[0](x)
+        stages = list(net.stages[1:])
+        for i, stage in enumerate(stages):
+            h = stage(h) if i < len(stages) - 1 or reviewkd.family(net) == "resnet" else stage[:-1](h)
+            assert torch.equal(post[i], h)
+        assert post[-1].shape == (2, net.fc.in_features, 1, 1) and torch.equal(pre[-1], post[-1])
+        if reviewkd.family(net) == "resnet":
+            assert all(torch.equal(F.relu(p), q) for p, q in zip(pre[:-1], post[:-1]))
+            assert all((p < 0).any() for p in pre[:-1])  # really before the ReLU
+        else:
+            bns = [stages[1][0].bn1, stages[2][0].bn1, stages[2][-1][0]]
+            assert all(torch.allclose(p, bn(q)) for p, q, bn in zip(pre[:-1], post[:-1], bns))
+        assert torch.allclose(post[-1].flatten(1), net(x, features=True)[1])
+
+
+@pytest.mark.parametrize("teacher,student,n", [("resnet56", "resnet20", 114_278), ("resnet110", "resnet32", 114_278),
+                                               ("resnet32x4", "resnet8x4", 1_808_774),
+                                               ("wrn_40_2", "wrn_16_2", 453_830), ("wrn_40_2", "wrn_40_1", 216_006)])
+def test_reviewkd_abf_param_counts(teacher, student, n):
+    """The ABFs of the official CIFAR pairs (counted by hand: e.g. resnet20 <- resnet56, M = 64:
+    pooled 4,224 + 36,992; stage 3 4,224 + 258 + 36,992; stage 2 2,176 + 258 + 18,496; stage 1
+    1,152 + 258 + 9,248 = 114,278)."""
+    model = _rkd_model(arch=student, teacher_arch=teacher)
+    assert common.count_params(model.abfs) == n
+    assert model.head_params() == {"student": common.count_params(common.build_model(student, 100)),
+                                   "teacher": common.count_params(common.build_model(teacher, 100))}
+
+
+def test_reviewkd_abf_fusion_matches_hand_computation():
+    torch.manual_seed(0)
+    abf = reviewkd.ABF(3, 4, 5, fuse=True).eval()
+    for bn in (abf.conv1[1], abf.conv2[1]):  # eval-mode BN with made-up statistics and affine weights
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    f, r = torch.randn(2, 3, 4, 4), torch.randn(2, 4, 2, 2)
+
+    def bn(v, m):
+        s = (m.running_var + m.eps).rsqrt() * m.weight
+        return (v - m.running_mean[:, None, None]) * s[:, None, None] + m.bias[:, None, None]
+    with torch.no_grad():
+        out, x = abf(f, r)
+        x1 = torch.stack([bn(torch.einsum("oc,chw->ohw", abf.conv1[0].weight[:, :, 0, 0], fi), abf.conv1[1]) for fi in f])
+        up = r.repeat_interleave(2, 2).repeat_interleave(2, 3)  # nearest 2x2 -> 4x4
+        wa, ba = abf.att.weight[:, :, 0, 0], abf.att.bias
+        z = torch.sigmoid(torch.einsum("oc,nchw->nohw", wa, torch.cat([x1, up], 1)) + ba[None, :, None, None])
+        fused = x1 * z[:, 0:1] + up * z[:, 1:2]
+        assert torch.allclose(x, fused, atol=1e-5)
+        assert torch.allclose(out, bn(F.conv2d(fused, abf.conv2[0].weight, padding=1), abf.conv2[1]), atol=1e-5)
+    deepest = reviewkd.ABF(3, 4, 5, fuse=False)
+    assert deepest.att is None and common.count_params(abf) - common.count_params(deepest) == 2 * 4 * 2 + 2
+
+
+def test_reviewkd_review_runs_deepest_first_and_passes_residuals():
+    """review(): the deepest ABF sees no residual, each shallower one the fused map of the level below."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.i = i
+
+        def forward(self, f, residual=None):
+            seen.append((self.i, None if residual is None else residual.item()))
+            return f * 10, f + 100
+    levels = [torch.tensor(float(i)) for i in range(4)]
+    outs = reviewkd.review([Spy(i) for i in range(4)], levels)
+    assert seen == [(3, None), (2, 103.0), (1, 102.0), (0, 101.0)]
+    assert [o.item() for o in outs] == [0.0, 10.0, 20.0, 30.0]  # in level order, shallowest first
+
+
+def _rkd_hand_mse(a, b):
+    return ((a - b) ** 2).mean()
+
+
+def _rkd_hand_pool(f, k):
+    n, c, h, w = f.shape
+    return f.reshape(n, c, k, h // k, k, w // k).mean((3, 5))
+
+
+def test_reviewkd_hcl_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(2, 3, s, s, generator=g), torch.randn(2, 3, s, s, generator=g)) for s in (8, 2, 1)]
+    (s8, t8), (s2, t2), (s1, t1) = pairs
+    level8 = (_rkd_hand_mse(s8, t8) + _rkd_hand_mse(_rkd_hand_pool(s8, 4), _rkd_hand_pool(t8, 4)) / 2
+              + _rkd_hand_mse(_rkd_hand_pool(s8, 2), _rkd_hand_pool(t8, 2)) / 4
+              + _rkd_hand_mse(_rkd_hand_pool(s8, 1), _rkd_hand_pool(t8, 1)) / 8) / (1 + 1 / 2 + 1 / 4 + 1 / 8)
+    level2 = (_rkd_hand_mse(s2, t2) + _rkd_hand_mse(s2.mean((2, 3)), t2.mean((2, 3))) / 2) / 1.5  # official halving
+    level1 = _rkd_hand_mse(s1, t1)
+    for i, want in enumerate((level8, level2, level1)):
+        assert reviewkd.hcl([pairs[i][0]], [pairs[i][1]]).item() == pytest.approx(want.item(), rel=1e-5)
+    got = reviewkd.hcl([p[0] for p in pairs], [p[1] for p in pairs])
+    assert got.item() == pytest.approx((level8 + level2 + level1).item(), rel=1e-5)
+
+
+def test_reviewkd_warm_up_is_linear_from_zero_in_epoch_zero():
+    assert [reviewkd.warm_up(e, 20) for e in (0, 1, 10, 20, 200)] == [0.0, 0.05, 0.5, 1.0, 1.0]
+    assert reviewkd.warm_up(0, 0) == 1.0
+
+
+def test_reviewkd_each_term_trains_its_modules_and_never_the_teacher(tmp_path):
+    model = _rkd_model(_sokd_teacher(tmp_path / "t.pt", "resnet14"), arch="resnet8", lam=2.0, warmup=4).train()
+    assert model.student.training and model.abfs.training and not model.teacher.training
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 100, (4,), generator=g)
+
+    def grads(term, epoch=2):
+        model.zero_grad(set_to_none=True)
+        loss, terms = model(x, y, None, epoch)
+        assert set(terms) == {"ce", "hcl"} and loss.item() == pytest.approx(terms["ce"].item() + terms["hcl"].item())
+        terms[term].backward()
+        got = lambda m: [p.grad is not None and p.grad.abs().sum().item() > 0 for p in m.parameters()]
+        return got(model.student), got(model.abfs), [p.grad is not None for p in model.teacher.parameters()]
+
+    s, a, t = grads("ce")
+    assert all(s) and not any(a) and not any(t)  # CE: the student, not the ABFs
+    s, a, t = grads("hcl")
+    assert not any(t) and all(a)                 # HCL: every ABF parameter (attention convs included)
+    assert all(s[:-2]) and not any(s[-2:])       # and the student up to its pooled feature, not its classifier
+    assert before.keys() == model.teacher.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())  # BN buffers too
+    # the weight: lambda min(1, e/W)
+    hcl = [model(x, y, None, e)[1]["hcl"].item() for e in (0, 1, 4)]
+    raw = hcl[2] / 2.0
+    assert hcl[0] == 0.0 and hcl[1] == pytest.approx(2.0 * raw / 4, rel=1e-4) and raw > 0
+
+
+def test_reviewkd_refuses_backbones_whose_levels_it_cannot_read(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    resnet = _sokd_teacher(tmp_path / "t.pt", "resnet8")
+    with pytest.raises(SystemExit) as e:
+        run_main("reviewkd", *TINY, "--arch", "vgg8", "--data-dir", data, "--teacher", resnet, "--out", out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "the student vgg8 is not one of them" in err
+    dense = _sokd_teacher(tmp_path / "d.pt", "densenet40_12")
+    with pytest.raises(SystemExit):
+        run_main("reviewkd", *TINY, "--data-dir", data, "--teacher", dense, "--out", out)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "the teacher densenet40_12 is not one of them" in err
+    assert not out.exists()
+    # levels of other sizes (here a two-stage ResNet) cannot be paired
+    monkeypatch.setitem(common.ARCHS, "resnet2stages",
+                        lambda nc: common._resnet(common.BasicBlock, [1, 1], [16, 32], nc))
+    with pytest.raises(ValueError, match=r"levels of sizes \[32, 16, 8, 1\] and \[32, 16, 1\]"):
+        _rkd_model(arch="resnet8", teacher_arch="resnet2stages")
+
+
+def test_reviewkd_missing_or_wrong_teacher_is_one_clear_line_and_no_run_folder(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        run_main("reviewkd", *TINY, "--data-dir", data, "--teacher", tmp_path / "nope.pt", "--out", out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nope.pt" in err and len(err.strip().splitlines()) == 1
+    assert "python baseline.py --arch resnet110 --dataset cifar100" in err
+    with pytest.raises(SystemExit):
+        run_main("reviewkd", *TINY, "--arch", "wrn_40_1", "--data-dir", data, "--out", out)
+    assert "runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main("reviewkd", *TINY, "--data-dir", data, "--teacher", _sokd_teacher(tmp_path / "t.pt", "resnet8"),
+                 "--teacher-arch", "resnet14", "--out", out)
+    err = capsys.readouterr().err
+    assert "holds a resnet8" in err and "python baseline.py --arch resnet14 --dataset cifar100" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_reviewkd_lambda_per_pair_warmup_scaled_and_recipe_paper(monkeypatch):
+    def parsed(*argv):
+        return _parse_script(monkeypatch, "reviewkd", "--teacher", "absent.pt", "--bench", 1, *argv)
+    for (t, s), lam in [(("resnet56", "resnet20"), 0.6), (("resnet110", "resnet32"), 1.0),
+                        (("resnet32x4", "resnet8x4"), 5.0), (("wrn_40_2", "wrn_16_2"), 5.0),
+                        (("wrn_40_2", "wrn_40_1"), 5.0), (("resnet14", "resnet8"), 1.0)]:
+        assert getattr(parsed("--teacher-arch", t, "--arch", s), "lambda") == lam
+    assert getattr(parsed("--teacher-arch", "resnet56", "--arch", "resnet20", "--lambda", 2), "lambda") == 2.0
+    a = parsed("--teacher-arch", "resnet8", "--arch", "resnet8")
+    assert (a.epochs, a.warmup, a.schedule, a.recipe) == (300, 25, [150, 225], "protocol")
+    assert parsed("--teacher-arch", "resnet8", "--arch", "resnet8", "--epochs", 60).warmup == 5  # 1/12 of the run
+    assert parsed("--teacher-arch", "resnet8", "--arch", "resnet8", "--epochs", 60, "--warmup", 0).warmup == 0
+    a = parsed("--teacher-arch", "resnet8", "--arch", "resnet8", "--recipe", "paper")
+    assert (a.epochs, a.warmup, a.batch_size, a.lr, a.schedule, a.wd, a.no_nesterov, a.norm, a.padding) == \
+        (240, 20, 128, 0.1, [151, 181, 211], 5e-4, False, "cifar10", "zeros")
+    # train.py:168-169: lr 0.02 for ShuffleNet / MobileNet students (by name; their levels are not read here yet)
+    assert [reviewkd.paper_recipe(a)["lr"] for a in ("ShuffleV2", "mobile_half", "wrn_16_2")] == [0.02, 0.02, 0.1]
+    with pytest.raises(SystemExit):
+        parsed("--teacher-arch", "resnet8", "--arch", "resnet8", "--lambda", -1)
+
+
+@pytest.fixture(scope="module")
+def reviewkd_run(offline_teacher, tmp_path_factory):
+    data, teacher, _ = offline_teacher
+    out = tmp_path_factory.mktemp("reviewkd") / "a"
+    run_main("reviewkd", *TINY, "--data-dir", data, "--teacher", teacher, "--epochs", 2, "--schedule", 1,
+             "--out", out)
+    return out
+
+
+def test_reviewkd_end_to_end_writes_every_head_and_trains_the_abfs(reviewkd_run, offline_teacher):
+    fin, log = read_final(reviewkd_run), read_log(reviewkd_run)
+    n = common.count_params(common.build_model("resnet8", 100))
+    assert fin["deploy"] == "student" and set(fin["last"]) == {"student", "teacher"}
+    assert fin["params"] == {"student": n, "teacher": n}  # the ABFs are dropped at test time
+    assert fin["args"]["teacher_arch"] == "resnet8" and fin["args"]["lambda"] == 1.0 and fin["args"]["warmup"] == 1
+    assert len(log) == 2 and float(log[0]["hcl"]) == 0.0 and float(log[1]["hcl"]) > 0  # warm-up: 0 in epoch 1
+    for r in log:
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["hcl"]), rel=1e-4)
+    assert [float(r["teacher"]) for r in log] == [offline_teacher[2]] * 2
+    ck = common.load_checkpoint(os.path.join(reviewkd_run, "checkpoint.pt"))
+    model = _rkd_model(str(offline_teacher[1]))
+    n_trained = len(list(model.student.parameters())) + len(list(model.abfs.parameters()))
+    assert [len(g["params"]) for g in ck["opt"]["param_groups"]] == [n_trained]  # the ABFs in the student's SGD
+    assert ck["opt"]["param_groups"][0]["weight_decay"] == 5e-4
+    abf0 = model.abfs[0].conv2[0].weight
+    assert not torch.equal(ck["model"]["abfs.0.conv2.0.weight"], abf0)  # moved by training
+
+
+def test_reviewkd_resume_reproduces_an_uninterrupted_run(reviewkd_run, offline_teacher, tmp_path):
+    data, teacher, _ = offline_teacher
+    b = tmp_path / "b"
+    args = [*TINY, "--data-dir", data, "--teacher", teacher, "--epochs", 2, "--schedule", 1, "--out", b]
+    run_main("reviewkd", *args, "--halt-after", 1)
+    assert len(read_log(b)) == 1 and not os.path.exists(b / "final.json")
+    run_main("reviewkd", *args, "--resume")
+    wa, wb = _weights(reviewkd_run), _weights(b)
+    assert set(wa) == set(wb) and "abfs.3.conv1.0.weight" in wa
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_final(reviewkd_run)["last"] == read_final(b)["last"]
+
+
+def test_reviewkd_training_step_has_no_host_sync(monkeypatch, tmp_path):
+    c = count_syncs_in_steps(monkeypatch, "reviewkd", *TINY, "--batch-size", 16, "--bench", 2, "--out",
+                             tmp_path / "b", "--teacher-arch", "resnet8", "--teacher", "absent.pt")
+    assert c["n"] == 0, c["what"]
+
+
+def test_reviewkd_ddp_two_gloo_processes_keep_ranks_identical(data, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli("reviewkd", "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data,
+                "--epochs", 1, "--schedule", "--warmup", 0, "--out", out, "--teacher", _sokd_teacher(tmp_path / "t.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fin = read_final(out)
+    # weights, the ABFs' included, identical on both ranks
+    assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
+    assert set(fin["last"]) == set(fin["params"]) == {"student", "teacher"}
+
+
+def test_reviewkd_runs_copied_next_to_common_alone(tmp_path):
+    for name in ("reviewkd", "common"):
+        shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
+    r = subprocess.run([sys.executable, "reviewkd.py", "-h"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--teacher", "--teacher-arch", "--lambda", "--warmup", "--recipe"):
+        assert flag in r.stdout
