@@ -376,7 +376,8 @@ def readme(check=False, path=os.path.join(HERE, "README.md")):
 # =================================================================================================
 
 LAPTOP = "--dataset cifar10 --data-dir data --epochs 60 --eval-every 10 --gpus cpu --resume"
-LAPTOP_METHODS = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "cl", "okddip", "ffsd", "oeckd", "sokd"]
+LAPTOP_METHODS = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "cl", "okddip", "ffsd", "oeckd", "sokd", "kd",
+                  "reviewkd"]
 # rows of a method with another setting: name -> (method, options)
 LAPTOP_VARIANTS = {"okddip-detached": ("okddip", "--detach-targets")}
 TEACHER = "--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt --teacher-arch resnet14"
