@@ -382,6 +382,8 @@ def test_padding_option_reaches_the_training_loader(data, tmp_path, monkeypatch)
     assert seen and set(seen) == {"reflect"}
 
 
+TEACHER_SCRIPTS = ("sokd", "kd", "reviewkd")  # the offline methods: they read a baseline.py checkpoint
+
 PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest being the protocol's
     "one": dict(wd=1e-4, no_nesterov=True, schedule=[151, 225], norm="cifar10-legacy", epochs=300),
     "ffl": dict(wd=1e-4, fusion_wd=1e-5, epochs=301, schedule=[150, 225], padding="reflect"),
@@ -394,6 +396,10 @@ PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest bein
     "pcl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", norm="dataset", batch_size=128),
     "kdcl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", batch_size=128),
     "cl": dict(wd=5e-4, epochs=300, schedule=[150, 225], padding="zeros", batch_size=128),
+    "oeckd": dict(optimizer="adam", lr=1e-3, wd=1e-5, batch_size=128, epochs=350, schedule=[200, 300], norm="none",
+                  init="xavier"),
+    "kd": dict(batch_size=64, epochs=240, lr=0.05, schedule=[150, 180, 210], no_nesterov=True),
+    "reviewkd": dict(epochs=240, batch_size=128, lr=0.1, schedule=[151, 181, 211], wd=5e-4, norm="cifar10"),
 }
 
 
@@ -402,12 +408,13 @@ PAPER_RECIPES = {  # what --recipe paper must give (README table), the rest bein
 # the protocol's where the paper has none (150, 225 of 300), unchanged where 200 is the paper's length
 PAPER_AT_200 = {"one": [101, 150], "okddip": [99, 149], "ffsd": [100, 151], "ffl": [100, 150],
                 "dml": [60, 120, 180], "sokd": [100, 150], "baseline": [100, 150], "mcl": [100, 150],
-                "pcl": [100, 150], "kdcl": [100, 150], "cl": [100, 150]}
+                "pcl": [100, 150], "kdcl": [100, 150], "cl": [100, 150],
+                "oeckd": [114, 171], "kd": [125, 150, 175], "reviewkd": [126, 151, 176]}  # 200*200/350 = 114.3, ...
 
 
 @pytest.mark.parametrize("script", sorted(PAPER_RECIPES))
 def test_recipe_paper_sets_the_official_values_and_given_options_win(script, monkeypatch):
-    extra = ["--teacher-arch", "resnet8", "--bench", 1] if script == "sokd" else []
+    extra = ["--teacher-arch", "resnet8", "--bench", 1] if script in TEACHER_SCRIPTS else []
     a = _parse_script(monkeypatch, script, "--recipe", "paper", *extra)
     for k, v in PAPER_RECIPES[script].items():
         assert getattr(a, k) == v, k
@@ -429,12 +436,13 @@ def test_every_method_runs_end_to_end_with_recipe_paper(data, tmp_path, capsys):
     teacher = tmp_path / "t"
     common_args = [*TINY, "--batch-size", 32, "--data-dir", data, "--epochs", 1, "--recipe", "paper"]
     run_main("baseline", *common_args, "--out", teacher)
-    for script in ["dml", "cl", "kdcl", "one", "okddip", "ffl", "pcl", "mcl", "ffsd", "sokd"]:
-        extra = ["--teacher", teacher / "checkpoint.pt"] if script == "sokd" else []
+    scripts = ["dml", "cl", "kdcl", "one", "okddip", "ffl", "pcl", "mcl", "ffsd", "oeckd", "sokd", "kd", "reviewkd"]
+    for script in scripts:
+        extra = ["--teacher", teacher / "checkpoint.pt"] if script in TEACHER_SCRIPTS else []
         run_main(script, *common_args, "--out", tmp_path / script, *extra)
         fin = read_final(tmp_path / script)
         assert fin["args"]["recipe"] == "paper" and set(fin["last"]) == set(fin["params"]), script
-    assert capsys.readouterr().out.count("recipe paper: 1 epochs") == 11
+    assert capsys.readouterr().out.count("recipe paper: 1 epochs") == len(scripts) + 1
     with pytest.raises(SystemExit):  # --resume refuses another recipe
         run_main("one", *common_args[:-2], "--recipe", "protocol", "--out", tmp_path / "one", "--resume")
     assert "--recipe 'paper' (checkpoint) vs 'protocol' (now)" in capsys.readouterr().err
@@ -2456,7 +2464,8 @@ def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
 
 def test_each_method_file_runs_copied_next_to_common_alone(tmp_path):
     """People copy a method file into their project: it needs common.py and nothing else from here."""
-    scripts = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd", "cl", "okddip", "ffsd"]
+    scripts = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd", "cl", "okddip", "ffsd", "oeckd", "kd",
+               "reviewkd"]
     for name in scripts + ["common"]:
         shutil.copy(os.path.join(HERE, name + ".py"), tmp_path)
     code = "import sys; sys.argv = ['x', '-h']\n" + "".join(
@@ -2464,7 +2473,7 @@ def test_each_method_file_runs_copied_next_to_common_alone(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for flag in ("--peers", "--variant", "--branches", "--fusion-wd", "--ema-decay", "--nce-k", "--teacher",
-                 "--sharing", "--warmup"):
+                 "--sharing", "--warmup", "--students", "--lambda", "--kd-weight"):
         assert flag in r.stdout
 
 
