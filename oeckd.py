@@ -32,7 +32,11 @@ Deviations from the paper and the official code (Devwalkar/BOC-KD), and choices:
   - Ensemble: the plain mean of the logits. The official "learnable" weights (a tensor of 1/N with
     requires_grad) are in no optimizer, so they stay 1/N: the same thing.
   - Reported: the last epoch of student 1 (and every head). Official: each student's best of the test
-    evaluations every 10 epochs; the paper states gains relative to the baseline ((new - base) / base).
+    evaluations at the 0-based epochs 0, 10, ..., 340 (never the last); the paper states gains relative
+    to the baseline ((new - base) / base).
+  - Evaluation in eval mode (BN running statistics). Official: the students sit in a plain Python list
+    (models/ResNet_cifar.py:185), so model.eval() (tools/train.py:633) never reaches them: every test
+    batch of 64 is normalised with its own statistics. Not copied (a deployed net has no batch to lean on).
   - The ensemble's CE ("ce_e") is logged and not trained, as in the official code: loss = ce + feat + kd.
     The logged ce, feat and kd carry their weights (0.7, 0.15, 0.15).
   - Widths: w * (N-k+1) // N in integers, the official int(w * (N-k+1)/N) (equal here: tested, N <= 16);

@@ -42,10 +42,13 @@ model/resnet_cifar.py, model/wide_resnet_cifar.py, util/misc.py), and choices wh
   2. Recipe: the shared protocol (300 epochs, x0.1 at 150/225, CIFAR-100 statistics) instead of the
      official 240 epochs, x0.1 after the 0-based epochs 150, 180, 210 (lr_schedule runs after each
      epoch, so the first epoch at the lower rate is index 151: --schedule 151 181 211) and CIFAR-10
-     mean/std on CIFAR-100 (train.py:96-97); lr 0.1, batch 128, SGD 0.9 Nesterov and wd 5e-4 are the
+     mean/std on CIFAR-100 (train.py:96-97, (125.3, 123.0, 113.9)/255 and (63.0, 62.1, 66.7)/255; here
+     `--norm cifar10`, equal to the fourth decimal); lr 0.1, batch 128, SGD 0.9 Nesterov and wd 5e-4 are the
      same (the official lr is 0.02 for ShuffleNet/MobileNet students). `--recipe paper` sets all of these.
      The official teachers come from the same train.py and its best test epoch; here a baseline.py
-     run's last epoch (`python baseline.py --recipe paper` is SOKD's teacher recipe, not this one).
+     run's last epoch (`python baseline.py --recipe paper` is SOKD's teacher recipe, not this one); the
+     teacher `--recipe paper` expects is train.py's own baseline (script/baseline.sh): e.g.
+     `python baseline.py --arch resnet56 --epochs 240 --schedule 151 181 211 --norm cifar10`.
   3. The warm-up W: the official 20 epochs of its 240, the same fraction (1/12) of every run here:
      declared as 25 of the protocol's 300 epochs and scaled with --epochs like every ramp-up
      (20 under --recipe paper, 5 in a 60-epoch run); `--warmup N` sets it, 0 turns it off.
