@@ -157,7 +157,8 @@ def _cell(v):
 def rows(root, by_machine=False):
     """One row per experiment (see groups): the deployable head's last-epoch top-1 as mean, sample std and
     n over the finished seeds, the "ensemble" head, the deployable head's training top-1 (final.json's
-    train_last), parameters, training seconds per run, device, and the unfinished runs (running/stopped)."""
+    train_last), parameters, training seconds per run (and with the teacher's, for a run distilled from
+    a teacher whose run folder is under root), device, and the unfinished runs (running/stopped)."""
     if not os.path.isdir(root):
         common.fail(f"{root}: no such folder (give the folder that holds the run folders, e.g. runs/)")
     done, unfinished = read_runs(root)
@@ -166,6 +167,7 @@ def rows(root, by_machine=False):
                     f"give the folder above them, e.g. runs/ or results/laptop)")
     gs = list(groups(done, unfinished, by_machine).values())
     varying = _varying(gs)
+    teacher_seconds = _teacher_seconds(root, done)
     table = []
     for g in sorted(gs, key=lambda g: json.dumps([g["settings"].get(k) for k in
                                                   ("method", "arch", "dataset", *varying)], default=str)):
@@ -175,6 +177,7 @@ def rows(root, by_machine=False):
         train = _mean_std([r["train_last"][r["deploy"]] for r in done_
                            if isinstance(r.get("train_last"), dict) and _number(r["train_last"].get(r["deploy"]))])
         secs = [r.get("seconds") for r in done_]
+        with_teacher = [s + teacher_seconds[id(r)] for s, r in zip(secs, done_) if id(r) in teacher_seconds and _number(s)]
         table.append({
             "method": st.get("method"), "arch": st.get("arch"), "dataset": st.get("dataset"),
             **{k: st.get(k) for k in varying}, "deploy": first.get("deploy", ""),
@@ -182,10 +185,30 @@ def rows(root, by_machine=False):
             "ensemble_mean": ens[0], "ensemble_std": ens[1], "train_top1_mean": train[0],
             "params": (first.get("params") or {}).get(first["deploy"]) if done_ else None,
             "seconds_per_run": round(float(np.mean(secs))) if secs and all(_number(s) for s in secs) else None,
+            "seconds_with_teacher": round(float(np.mean(with_teacher))) if with_teacher else None,
             "device": _device(first) if done_ else None,
             "running": sum(r["state"] == "running" for r in g["unfinished"]),
             "stopped": sum(r["state"] == "stopped" for r in g["unfinished"])})
     return table, varying
+
+
+def _teacher_seconds(root, done):
+    """{id(run): its teacher's training seconds} for the offline runs (SOKD, KD, ReviewKD) whose --teacher
+    checkpoint lies in a finished run folder under root: a student distilled from a teacher costs both."""
+    out = {}
+    for r in done:
+        path = (r.get("args") or {}).get("teacher")
+        if not path:
+            continue
+        final = os.path.join(root, os.path.basename(os.path.dirname(os.path.normpath(path))), "final.json")
+        try:
+            with open(final) as f:
+                seconds = json.load(f).get("seconds")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if _number(seconds):
+            out[id(r)] = seconds
+    return out
 
 
 def markdown(table, varying):
@@ -193,14 +216,17 @@ def markdown(table, varying):
     fmt = lambda m, s, n: "" if m is None else f"{m:.2f}" + ("" if s is None else f" ± {s:.2f}") + \
         (f" (n={n})" if n is not None else "")
     unfinished = any(r["running"] or r["stopped"] for r in table)
+    teacher = any(r["seconds_with_teacher"] is not None for r in table)
     cols = ["method", "arch", "dataset", *varying, "deploy", "top-1 (deploy)", "ensemble", "train top-1",
-            "params", "s/run (train)", "device"] + (["running", "stopped"] if unfinished else [])
+            "params", "s/run (train)"] + (["s/run + teacher"] if teacher else []) + ["device"] + \
+        (["running", "stopped"] if unfinished else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in table:
         cells = [r["method"], r["arch"], r["dataset"], *[r[k] for k in varying], r["deploy"],
                  fmt(r["deploy_mean"], r["deploy_std"], r["n"]), fmt(r["ensemble_mean"], r["ensemble_std"], None),
                  None if r["train_top1_mean"] is None else f"{r['train_top1_mean']:.2f}", r["params"],
-                 r["seconds_per_run"], r["device"]] + ([r["running"] or "", r["stopped"] or ""] if unfinished else [])
+                 r["seconds_per_run"]] + ([r["seconds_with_teacher"]] if teacher else []) + [r["device"]] + \
+            ([r["running"] or "", r["stopped"] or ""] if unfinished else [])
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 

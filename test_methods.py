@@ -1177,6 +1177,20 @@ def test_readme_tables_are_the_output_of_summarize_over_results():
     assert summarize.readme(check=True) == []
 
 
+def test_summarize_counts_the_teachers_training_for_offline_methods(tmp_path, capsys):
+    """A student distilled from a teacher costs the teacher's training too: "s/run + teacher" adds the
+    seconds of the teacher's run when its folder is among the runs; online methods have no such cell."""
+    _fabricate(tmp_path, "teacher-s0", "baseline", 0, 60.0, 60.0)  # 100 s, as every fabricated run
+    fin = json.loads((tmp_path / "teacher-s0" / "final.json").read_text())
+    (tmp_path / "teacher-s0" / "final.json").write_text(json.dumps({**fin, "seconds": 250.0}))
+    _fabricate(tmp_path, "kd-s0", "kd", 0, 61.0, 61.0, teacher="runs/laptop/teacher-s0/checkpoint.pt")
+    _fabricate(tmp_path, "dml-s0", "dml", 0, 59.0, 59.0)
+    rows = {r["method"]: r for r in summarize.summarize(str(tmp_path), plot=False)}
+    assert rows["kd"]["seconds_with_teacher"] == 350 and rows["kd"]["seconds_per_run"] == 100
+    assert rows["dml"]["seconds_with_teacher"] is None and rows["baseline"]["seconds_with_teacher"] is None
+    assert "| s/run (train) | s/run + teacher |" in capsys.readouterr().out
+
+
 def test_summarize_groups_by_every_setting_but_the_seed(tmp_path, capsys):
     """A 2-epoch and a 3-epoch run are two experiments, not one mean: the differing setting is a column."""
     _fabricate(tmp_path, "a", "dml", 0, 50.0, 50.0, epochs=2)
