@@ -306,24 +306,30 @@ def curve_series(root, done):
                 x, y = [int(row["epoch"]) for row in log], [float(row[r["deploy"]]) for row in log]
             except (OSError, ValueError, KeyError):
                 continue
-            series.append({"label": f"{_label(g, varying)} ({len(g['done'])} runs)" if first else None,
+            series.append({"label": f"{_label(g, varying)} (n={len(g['done'])})" if first else None,
                            "group": i, "colour": colour, "line": line, "x": x, "y": y})
             first = False
     return series
 
 
 def plot_curves(plt, series, out):
-    """curves.png: every series drawn with markers, so that a run evaluated once is a visible point."""
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for s in series:
-        ax.plot(s["x"], s["y"], color=s["colour"], linestyle=s["line"], marker="o", markersize=3, linewidth=1.2,
-                alpha=0.85, label=s["label"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 % (deployable head)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    """curves.png: every series drawn with markers, so that a run evaluated once is a visible point; the
+    right panel repeats the last third of training, where the methods separate."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    last = max((x for s in series for x in s["x"]), default=1)
+    for ax, lo in zip(axes, (0, 0.65 * last)):
+        for s in series:
+            keep = [i for i, x in enumerate(s["x"]) if x >= lo]
+            ax.plot([s["x"][i] for i in keep], [s["y"][i] for i in keep], color=s["colour"], linestyle=s["line"],
+                    marker="o", markersize=3, linewidth=1.2, alpha=0.85, label=s["label"] if lo else None)
+        epochs = sorted({x for s in series for x in s["x"] if x >= lo})
+        if len(epochs) <= 15:
+            ax.set_xticks(epochs)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test top-1 % (deployable head)")
+    axes[1].set_title("the last third of training", fontsize=9)
+    axes[1].legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
     fig.savefig(path, dpi=110)
@@ -335,7 +341,8 @@ def plot_curves(plt, series, out):
 def plot_seeds(plt, done, out):
     """seeds.png: per experiment of the most common (arch, dataset), the deployable head's last-epoch
     top-1 of every seed (dots) and their mean (dash), beside the baseline's range (band) and mean (line)."""
-    gs = list(groups(done, []).values())
+    gs = sorted(groups(done, []).values(), key=lambda g: _label(g, []))
+    colour = {id(g): _style(i)[0] for i, g in enumerate(gs)}  # the colours of curves.png
     shape = max({(g["settings"].get("arch"), g["settings"].get("dataset")) for g in gs},
                 key=lambda s: sum((g["settings"].get("arch"), g["settings"].get("dataset")) == s for g in gs))
     gs = [g for g in gs if (g["settings"].get("arch"), g["settings"].get("dataset")) == shape]
@@ -346,17 +353,18 @@ def plot_seeds(plt, done, out):
     base = [g for g in gs if g["settings"]["method"] == "baseline"]
     if base:
         b = accs(base[0])
-        ax.axhspan(min(b), max(b), color="0.85", label=f"baseline: range of {len(b)} runs")
+        ax.axhspan(min(b), max(b), color="0.85", label=f"baseline: range of its {len(b)} run(s)")
         ax.axhline(float(np.mean(b)), color="0.4", linestyle="--", linewidth=1, label="baseline: mean")
     for i, g in enumerate(gs):
         a = accs(g)
         ax.hlines(float(np.mean(a)), i - 0.3, i + 0.3, color="0.2", linewidth=1.5, zorder=2,
                   label="mean of the seeds" if i == 0 else None)
-        ax.scatter([i] * len(a), a, color=_style(i)[0], zorder=3, s=22)
+        ax.scatter([i] * len(a), a, color=colour[id(g)], zorder=3, s=22)
     ax.set_xticks(range(len(gs)))
     ax.set_xticklabels([_label(g, varying).replace(f" {shape[0]}", "") for g in gs], rotation=30, ha="right",
                        fontsize=8)
-    ax.set_ylabel(f"test top-1 % at the last epoch ({shape[0]}, {shape[1]})")
+    ax.set_ylabel("test top-1 % at the last epoch")
+    ax.set_title(f"{shape[0]} on {shape[1]}: every seed (dots) and their mean (dash), methods by mean", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
