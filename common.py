@@ -1713,7 +1713,10 @@ def _launch(world, args, Method, out, data, stop):
     procs = []
     try:
         for s in STOP_SIGNALS:  # the processes start with these ignored (their USR1/USR2 blocked until ready)
-            saved[s] = signal.signal(s, signal.SIG_IGN)
+            try:
+                saved[s] = signal.signal(s, signal.SIG_IGN)
+            except ValueError:  # not the main thread: signals reach the processes directly
+                pass
         for r in range(world):
             procs.append(ctx.Process(target=_child, args=(r, world, args, Method, out, data, shared, report_dir),
                                      name=f"training process {r}"))

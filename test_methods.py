@@ -3867,7 +3867,7 @@ def _strip_marker(out):
 
 
 FOREIGN = ("user_log", "user_run_json")
-RUNS = ("started", "checkpointed", "finished", "extended", "legacy", "legacy_checkpoint_only")
+RUNS = ("started", "checkpointed", "finished", "extended", "record", "legacy", "legacy_checkpoint_only")
 
 
 def _make_state(state, tpl, out):
@@ -3887,6 +3887,9 @@ def _make_state(state, tpl, out):
         shutil.copy(tpl / "checkpointed" / "run.json", out)
     elif state in ("checkpointed", "finished", "extended"):
         shutil.copytree(tpl / state, out, dirs_exist_ok=True)
+    elif state == "record":  # a finished run kept without its weights, as results/ keeps them
+        shutil.copytree(tpl / "finished", out, dirs_exist_ok=True)
+        os.remove(out / "checkpoint.pt")
     elif state == "legacy":
         shutil.copytree(tpl / "checkpointed", out, dirs_exist_ok=True)
         _strip_marker(out)
@@ -3923,8 +3926,15 @@ def test_invariant_every_command_on_every_run_folder_state(state, inv_data, inv_
             assert code == 2 and "exists; pass --resume to continue it or --force to start over" in err, said
             assert _snapshot(out) == before, said
             continue
-        if cmd == "resume" and state == "finished":
+        if cmd == "resume" and state in ("finished", "record"):  # --epochs 2: nothing to do
             assert code == 0 and "is finished" in stdout and _snapshot(out) == before, said
+            code, stdout, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 3, "--out", out,
+                                      "--resume")  # to extend it, the weights are needed
+            if state == "record":
+                assert code == 2 and "without its checkpoint.pt" in err and _snapshot(out) == before, stdout + err
+                continue
+            assert code == 0 and read_final(out)["epochs"] == 3, stdout + err
+            _assert_consistent(out)
             continue
         assert code == 0, said
         after = _snapshot(out)
