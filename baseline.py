@@ -7,10 +7,9 @@ checkpoint that sokd.py loads (runs/baseline-<arch>-<dataset>-s<seed>/checkpoint
 
     python baseline.py --arch resnet32 --dataset cifar100 --gpus 0
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 class Baseline(nn.Module):

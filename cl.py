@@ -68,11 +68,10 @@ backbone's size) and "ensemble" = mean of the heads' logits.
     python cl.py --arch resnet32 --dataset cifar100 --gpus 0
     python cl.py --arch resnet32 --sharing simple --T 3            # OKDDip's variant, without its ramp
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

@@ -36,6 +36,13 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
                                  labels on the device (one entry per sample index idx).
     resolved = {}                settings the method derived from the run (e.g. PCL's EMA decay, set
                                  in on_data): printed first, stored in run.json and final.json.
+    min_batch = 1                images a training batch needs per process (ONE's BatchNorm1d gate: 2);
+                                 min_batch_why says why. A --batch-size, or an epoch's short last batch,
+                                 that gives a process fewer is refused before the run starts.
+    check_data(train_labels)     raise ValueError (one line) for training labels the method cannot use
+                                 (MCL: a single class); called before anything is written.
+    memory_needed(n_train, batch) -> (bytes, what, fix)  memory a process needs for state that grows with
+                                 the data (MCL's banks and negatives), checked against what is free.
 
 Everything else (device, DDP, AMP, schedules, logging, checkpoints) stays here.
 
@@ -62,11 +69,42 @@ import time
 import warnings
 from datetime import timedelta
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
+
+def _startup_stop(signum, frame):
+    """A signal while a script of this folder starts (importing torch, parsing): one line, no traceback.
+    run() replaces this handler with its own (Interrupt) before it touches a run folder."""
+    print(f"\nstopped ({_signame(signum)}) during start-up: no run folder was touched", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _signame(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
+
+
+def _install_startup_handlers():
+    """Only in a script run from this folder (not under pytest or in a notebook), and only for signals left
+    at their default: one the parent ignores (nohup's SIGHUP, a --gpus launcher's children) stays ignored."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main or os.path.dirname(os.path.abspath(main)) != os.path.dirname(os.path.abspath(__file__)):
+        return
+    for s in STOP_SIGNALS:
+        try:
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(s, _startup_stop)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+_install_startup_handlers()  # before numpy and torch: their import is most of a start-up
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 # =================================================================================================
@@ -503,6 +541,10 @@ def load_cifar(dataset, data_dir):
                             f"({type(e).__name__}); put the python-version CIFAR archive's folder '{folder}' "
                             f"in --data-dir {data_dir}") from None
     train, test = _read_split(dataset, data_dir, train_files), _read_split(dataset, data_dir, test_files)
+    for (x, _), files, split in ((train, train_files, "training"), (test, test_files, "test")):
+        if len(x) == 0:  # nothing to train on, or nothing to measure: every accuracy would be 0/0
+            raise DataError(f"the {split} split of {os.path.join(data_dir, folder)} ({', '.join(files)}) holds no "
+                            f"images; put the full {dataset} files there")
     nc, present = DATASETS[dataset][4], len(np.unique(train[1]))
     if present < nc:  # e.g. a subset written by hand: accuracy is then out of fewer classes than the head has
         print(f"warning: the training labels in {os.path.join(data_dir, folder)} use {present} of the {nc} "
@@ -740,7 +782,10 @@ def folder_loaders(args, data, views, holdout, device, rank, world, channels_las
 CHECKS = {"positive": (lambda v: v > 0, "must be positive"),
           "nonneg": (lambda v: v >= 0, "must be non-negative"),
           "unit": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
-          "two+": (lambda v: v >= 2, "must be at least 2")}
+          "two+": (lambda v: v >= 2, "must be at least 2"),
+          # numpy's RandomState takes seeds below 2**32 (the holdout's permutation); torch's generators,
+          # seeded with seed * 1_000_003 + epoch and the like, stay below 2**64 with them
+          "seed": (lambda v: 0 <= v < 2 ** 32, "must lie in [0, 4294967295] (2**32 - 1)")}
 
 
 def add_arg(p, name, check=None, **kw):
@@ -806,6 +851,8 @@ def parser(description):
     # a negative value in exponent form (--wd -1e-5) is a value, not an unknown option: argparse before
     # Python 3.13 knows only -1 and -0.5, and would answer "expected one argument" instead of the check's line
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    # every refusal is one line: the error without argparse's usage block in front of it
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the options)\n")
     add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
     add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
             help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
@@ -833,7 +880,7 @@ def parser(description):
     add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
             help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
                  "every option not given (each script's PAPER)")
-    add_arg(p, "--seed", type=int, default=0, check="nonneg")
+    add_arg(p, "--seed", type=int, default=0, check="seed")
     add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
             "(the log shows '-' in between); 1: every epoch")
     add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; 'cpu' the CPU (no CUDA: CPU with a warning)")
@@ -848,9 +895,15 @@ def parser(description):
     return p
 
 
-# options that may change between a run and its --resume; every other option must match
+# what run.json, final.json, bench.json and checkpoints carry: the mark of a run folder this file made.
+# --force, --resume and --bench act only on a folder with it (or on a new or empty folder, or one an older
+# version of this file made: see classify_run_dir); run_format counts changes of the folder's layout
+MARKER = {"made_by": "online-kd common.py", "run_format": 1}
+
+# options that may change between a run and its --resume; every other option must match (and the marker's
+# keys, records rather than options, which summarize.py therefore never counts as settings)
 RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers",
-               "eval_every"}
+               "eval_every", *MARKER}
 
 # run-control options a bare `--resume` takes from the stored run when they are not given
 INHERITED = {"data_dir", "gpus", "workers", "compile", "no_amp", "eval_every"}
@@ -898,12 +951,24 @@ def _given(p, argv):
     return given
 
 
+_LOADED = {}  # path -> ((mtime, size), checkpoint): the start reads a checkpoint's settings and data once
+
+
+def _load_once(path):
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    if _LOADED.get(path, (None,))[0] != key:
+        _LOADED.clear()
+        _LOADED[path] = (key, load_checkpoint(path))
+    return _LOADED[path][1]
+
+
 def stored_settings(out):
     """(settings, source) of the run in folder `out`: the checkpoint's arguments when there is one (what
     the weights were trained with), else run.json's (a run stopped in its first epoch); (None, None)."""
     ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
     if os.path.isfile(ckpt):
-        return load_checkpoint(ckpt)["args"], "checkpoint"
+        return _load_once(ckpt)["args"], "checkpoint"
     if os.path.isfile(started):
         try:
             with open(started) as f:
@@ -913,9 +978,24 @@ def stored_settings(out):
     return None, None
 
 
+def stored_data(out):
+    """(identity, source): what identified the data of the run in `out` (data_identity): the checkpoint's,
+    else run.json's (checkpoints of older versions do not hold it); (None, None) when none is recorded."""
+    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
+    if os.path.isfile(ckpt):
+        ck = _load_once(ckpt)
+        if isinstance(ck, dict) and isinstance(ck.get("data"), dict):
+            return ck["data"], "checkpoint"
+    rec = _read_json(started)
+    if isinstance(rec, dict) and isinstance(rec.get("data"), dict):
+        return rec["data"], "run.json"
+    return None, None
+
+
 def _merge_stored(p, args, given):
     """--resume: options not typed take the run's stored values; typed ones must equal them, except a
     larger --epochs, which extends the run (its stored milestones and ramp-ups stay as they were)."""
+    _check_run_dir_kind(run_dir(args))  # a folder this repository did not make is not read as a run either
     try:
         stored, source = stored_settings(run_dir(args))
     except (RuntimeError, FileNotFoundError) as e:
@@ -964,7 +1044,11 @@ def parse(p, method, argv=None, paper=None):
     args.method = method
     if args.resume and args.force:
         p.error("--resume continues a run and --force starts it over: give one of them")
-    given = _given(p, argv)
+    if args.out is not None and not args.out.strip():
+        p.error(f"argument --out: {args.out!r} is no folder; give one, or leave --out out for "
+                f"runs/<method>-<arch>-<dataset>-s<seed>")
+    given = typed = _given(p, argv)
+    typed_schedule = args.schedule if "schedule" in typed else None  # before a resume or a recipe fills it in
     if args.resume and not args.bench and _merge_stored(p, args, given):
         given = set(vars(args))  # the stored run's values stand; its recipe was applied when it started
     apply_recipe(args, paper or {}, given)
@@ -975,6 +1059,11 @@ def parse(p, method, argv=None, paper=None):
     for a in args.arch.split(","):
         if a not in ARCHS:
             p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
+    if args.cosine and typed_schedule:  # the cosine decay has no milestones: one of the two would be ignored
+        why = ("--cosine" if "cosine" in typed else
+               "the resumed run's --cosine" if args.resume else f"--recipe paper (the recipe of {method} decays by cosine)")
+        p.error(f"--schedule {' '.join(map(str, typed_schedule))} and {why} contradict: the cosine decay has no "
+                f"milestones; give one of them")
     s = args.schedule
     if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
         p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
@@ -987,11 +1076,15 @@ def parse(p, method, argv=None, paper=None):
 
 def _devices(gpus):
     """'0,1' -> ['cuda:0', 'cuda:1']; with no CUDA -> as many 'cpu' entries, with a warning."""
-    ids = [g for g in gpus.split(",") if g != ""]
-    if gpus == "cpu" or not ids:
+    if gpus == "cpu":
         return ["cpu"]
-    if not all(g.isdigit() for g in ids):
+    ids = [g.strip() for g in gpus.split(",")]
+    if not all(g.isdigit() for g in ids):  # '' and '0,' included: an empty entry is no GPU
         raise ValueError(f"--gpus {gpus!r}: expected GPU indices like 0 or 0,1,2,3, or 'cpu'")
+    twice = sorted({g for g in ids if ids.count(g) > 1}, key=int)
+    if twice:
+        raise ValueError(f"--gpus {gpus}: GPU {','.join(twice)} given twice; each process needs a GPU of its own "
+                         f"(give each index once)")
     if not torch.cuda.is_available():
         print(f"warning: CUDA is not available; training on the CPU ({len(ids)} process(es)) instead of --gpus {gpus}",
               file=sys.stderr)
@@ -1008,8 +1101,30 @@ def run_dir(args):
     return args.out or os.path.join("runs", f"{args.method}-{arch}-{args.dataset}-s{args.seed}")
 
 
+# ---- How a run ends: one line, and 0 (done, or nothing to do) or one of these exit codes
+EXIT_ERROR = 2      # an error said in one line: a refusal before anything was written (or the start undone)
+EXIT_NONFINITE = 3  # a non-finite loss: the last good checkpoint is kept
+EXIT_WRITE = 4      # the run folder could not be written during training (disk full, I/O error): last checkpoint kept
+EXIT_PROCESS = 5    # a training process of a --gpus run died (raised or was killed): every process was stopped
+# stopped by signal n (Ctrl-C, SIGTERM, SIGHUP): 128 + n, the shell's convention (130, 143, 129)
+
+
 class DiskFull(RuntimeError):
     pass
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be created, locked or written (read-only, no permission, not a folder, I/O)."""
+
+
+class NonFinite(RuntimeError):
+    pass
+
+
+class ProcessDied(RuntimeError):
+    def __init__(self, msg, exit_code):
+        super().__init__(msg)
+        self.exit_code = exit_code
 
 
 def _umask():
@@ -1018,26 +1133,67 @@ def _umask():
     return mask
 
 
-def atomic_write(path, write, size_hint=0):
-    """write(f) into a temp file in the same folder, fsync, rename: a crash or a full disk leaves the old
-    file whole (and no temp file). The file gets the umask's mode, like any other file written here.
-    A full disk raises DiskFull naming the folder and the space needed."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+def _free_mib(folder):
     try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f}"
+    except OSError:
+        return "?"
+
+
+def _os_cause(e):
+    """The OSError behind e: e itself, or the one a library's error was raised while handling (torch.save
+    turns a failed write into a RuntimeError of its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _folder_error(e, path, doing):
+    """A one-line error for OSError e met while `doing` (e.g. 'write') `path`."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+        return DiskFull(f"disk full while trying to {doing} {path}: {_free_mib(folder)} MiB free in {folder}")
+    return RunFolderError(f"cannot {doing} {path} ({e.strerror or e}): choose a writable --out, or fix the "
+                          f"folder's permissions")
+
+
+def _open_temp(fd):
+    return os.fdopen(fd, "wb")
+
+
+def atomic_write(path, write, size_hint=0):
+    """write(f) into a temp file in the same folder (.tmp-<name>-XXXXXXXX), fsync, rename: a crash or a full
+    disk leaves the old file whole, never a 0-byte or truncated one, and no temp file (a killed writer's is
+    removed by the next start in that folder, under its lock). The file gets the umask's mode, like any
+    other file written here. A full disk raises DiskFull naming the folder and the space needed, another OS
+    error RunFolderError, in one line."""
+    folder = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
         os.fchmod(fd, 0o666 & ~_umask()) if hasattr(os, "fchmod") else None  # mkstemp makes it 0600
-        with os.fdopen(fd, "wb") as f:
+        with _open_temp(fd) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise DiskFull(f"disk full while writing {path}: {shutil.disk_usage(folder).free / 2**20:.0f} MiB free "
-                           f"in {folder}, about {max(size_hint, 2**20) / 2**20:.0f} MiB needed") from None
-        raise
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        cause = _os_cause(e) if isinstance(e, Exception) else None
+        if cause is None or cause.errno is None:  # not the OS's: a bug in write(), shown as it is
+            raise
+        if cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFull(f"disk full while writing {path}: {_free_mib(folder)} MiB free in {folder}, "
+                           f"about {max(size_hint, 2**20) / 2**20:.0f} MiB needed") from None
+        raise _folder_error(cause, path, "write") from None
 
 
 def atomic_save(obj, path):
@@ -1061,123 +1217,248 @@ def load_checkpoint(path, what="checkpoint"):
         raise RuntimeError(f"cannot load {what} {path}: not a valid checkpoint or unsafe to unpickle ({first})") from None
 
 
+# ---- Signals: how a run stops (README "When things go wrong")
+
+class Stop(KeyboardInterrupt):
+    """A stop at once: a second signal in training ("again"), or one during start-up ("startup") or the
+    final evaluation ("final"). Unwinds to run(), which says what was kept."""
+
+    def __init__(self, signum, where):
+        super().__init__(signum)
+        self.signum, self.where = signum, where
+
+
+class Stopped(Exception):
+    """The training loop stopped after a step on a signal (every process at the same step): epoch is the
+    0-based epoch it stopped in, kept the epochs in the checkpoint; before_final: all epochs were done."""
+
+    def __init__(self, signum, epoch, kept, before_final=False):
+        super().__init__(signum)
+        self.signum, self.epoch, self.kept, self.before_final = signum, epoch, kept, before_final
+
+
 class Interrupt:
-    """The first SIGINT sets a flag: the loop stops at the end of the current step and keeps the last full
-    epoch. A second one stops at once (KeyboardInterrupt, turned into a one-line exit by run())."""
+    """This process's answer to SIGINT, SIGTERM and SIGHUP (those not ignored: under nohup SIGHUP stays
+    ignored), by phase:
+      startup, prepared  stop at once (Stop): nothing of the run exists yet, or the start is undone
+      training           the first signal sets `hit`: the loop stops after the current step (every process
+                         at the same step) and keeps the last full epoch; a second one stops at once
+      final              (the final evaluation and final.json) stop at once: the run is not finished
+      done               final.json is written: the run is finished, the signal changes nothing
+      launcher           (the parent of the --gpus processes) passed on: SIGUSR1 for the first, SIGUSR2 for
+                         the second; the processes stop together and the launcher says how
+    A process started by the launcher (child: the launcher's shared [first, second] signal numbers) ignores
+    INT/TERM/HUP (the launcher got them too); SIGUSR1 counts as a first signal in every phase but final,
+    SIGUSR2 stops at once."""
 
-    def __init__(self):
-        self.hit, self.done = False, 0  # done: epochs in the checkpoint (set by the loop)
-        try:
-            signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            pass
+    def __init__(self, phase="training", child=None, install=True):
+        self.hit, self.done, self.phase, self.child = 0, 0, phase, child  # done: epochs in the checkpoint
+        self.verbose, self.stopping, self.count, self.procs, self.shared = True, False, 0, [], None
+        self._old = {}
+        if install:
+            self.install()
 
-    def _handle(self, *_):
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
+    def install(self):
+        sigs = STOP_SIGNALS if self.child is None else (signal.SIGUSR1, signal.SIGUSR2)
+        for s in sigs:
+            try:
+                if self.child is None and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # ignored by whoever started us (nohup): left ignored
+                self._old[s] = signal.signal(s, self._handle)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def restore(self):
+        for s, h in self._old.items():
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old = {}
+
+    def _handle(self, signum=signal.SIGINT, frame=None):
+        if self.phase == "done" or self.stopping:
+            return
+        if self.phase == "launcher":
+            return self._forward(signum)
+        if self.child is not None:
+            again = signum == getattr(signal, "SIGUSR2", None)
+            signum = self.child[1 if again else 0] or signal.SIGTERM  # the launcher's signal (0: it died)
+            if again or self.phase == "final":
+                self._stop(signum, "again" if again else "final")
+            if not self.hit:
+                self._first(signum)
+            return
+        if self.hit and self.phase == "training":
+            self._stop(signum, "again")
+        if self.phase != "training":
+            self._stop(signum, "final" if self.phase == "final" else "startup")
+        self._first(signum)
+
+    def _first(self, signum):
+        self.hit = signum
+        if not self.verbose:
+            return
         kept = (f"--resume continues from the checkpoint of epoch {self.done}" if self.done else
                 "no epoch is complete yet, so there is no checkpoint: --resume starts the run over from epoch 1")
-        print(f"\ninterrupted: stopping after this step ({kept}); Ctrl-C again stops at once", flush=True)
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {_signame(signum)}"
+        print(f"\ninterrupted ({_signame(signum)}): stopping after this step ({kept}); {again} stops at once",
+              flush=True)
+
+    def _stop(self, signum, where):
+        self.stopping = True  # further signals while stopping change nothing
+        raise Stop(signum, where)
+
+    def _forward(self, signum):
+        self.count += 1
+        first = self.count == 1
+        if self.shared is not None:
+            self.shared[0 if first else 1] = signum
+        for p in self.procs:
+            try:
+                os.kill(p.pid, signal.SIGUSR1 if first else signal.SIGUSR2)
+            except (ProcessLookupError, OSError):
+                pass
 
 
-def _ignore_sigint():
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
+_STOP = None  # this process's Interrupt while run() (or a --gpus process) runs
 
 
-def fail(msg):
+class _Agreement:
+    """Where every process stops: with one process, where its flag is set. Under DDP every step starts an
+    all-reduce (MAX) of the flag (the signal number, 0 for none) on a gloo group of CPU tensors and reads
+    the one started a step before, so that every process breaks after the same step, with no device sync."""
+
+    def __init__(self, world):
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.work = self.buf = None
+
+    def _wait(self):
+        if self.work is None:
+            return 0
+        self.work.wait()
+        self.work = None
+        return int(self.buf.item())
+
+    def __call__(self, flag):
+        if self.group is None:
+            return flag
+        agreed = self._wait()
+        self.buf = torch.tensor([flag], dtype=torch.int64)
+        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self, flag=0):
+        """Wait for the all-reduce in flight, then agree once more on `flag` (a signal since the last step)."""
+        if self.group is None:
+            return flag
+        agreed = self._wait()
+        buf = torch.tensor([flag], dtype=torch.int64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return max(agreed, int(buf.item()))
+
+
+def fail(msg, code=EXIT_ERROR):
     print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
-# files a run writes in its folder: --force removes these and nothing else
+# ---- The run folder
+
+# files a run writes in its folder: --force removes these (and retired records) and nothing else
 RUN_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json", "bench.json", "improved_teacher.pt")
+_TRAINING_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json")
+_TEMP_FILE = re.compile(r"^\.tmp-(?:(?:" + "|".join(map(re.escape, RUN_FILES)) + r")-)?[a-z0-9_]{8}$")  # atomic_write's
+_RETIRED = re.compile(r"^final-\d+-epochs\.json$")  # the record of a finished run that --epochs then extended
+# what the run.json / final.json args / checkpoint args of every earlier version of this file hold (their
+# options from the first version on), and their bench.json: folders they made carry no MARKER
+_LEGACY_ARGS = {"method", "arch", "dataset", "epochs", "lr", "batch_size", "seed", "gpus", "resume", "force",
+                "halt_after"}
+_LEGACY_BENCH = {"method", "arch", "batch_size", "steps", "images_per_second", "seconds_per_step"}
 _LOCK = None  # the open lock file of this process's run folder, held until the process ends
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _has(d, keys):
+    return isinstance(d, dict) and keys <= d.keys()
+
+
+def classify_run_dir(out):
+    """What `out` is to the commands that write into it, as (kind, why):
+      absent   nothing there yet
+      empty    a folder holding nothing but a lock and atomic_write's temp files
+      ours     run.json, final.json or bench.json carries MARKER: a run (or bench) folder of this repository
+      legacy   made by an earlier version of this file (no marker): its run.json or final.json holds this
+               parser's options, or its bench.json this file's fields; or, as the oldest versions left it,
+               a checkpoint.pt alone whose weights-only load holds those options (it is then treated as a
+               run folder: --resume continues it and writes the marker, --force starts it over)
+      foreign  anything else (why says what was found): nothing is written or removed there
+      file     not a folder;  unreadable: a folder that cannot be listed (why: the OS's words)"""
+    if not os.path.lexists(out):
+        return "absent", ""
+    if not os.path.isdir(out):
+        return "file", ""
+    try:
+        names = [n for n in os.listdir(out) if n != ".lock" and not _TEMP_FILE.match(n)]
+    except OSError as e:
+        return "unreadable", e.strerror or str(e)
+    if not names:
+        return "empty", ""
+    rec = {n: _read_json(os.path.join(out, n)) for n in ("run.json", "final.json", "bench.json") if n in names}
+    if any(isinstance(r, dict) and r.get("made_by") == MARKER["made_by"] for r in rec.values()):
+        return "ours", ""
+    if _has(rec.get("run.json"), _LEGACY_ARGS) or _has((rec.get("final.json") or {}).get("args"), _LEGACY_ARGS) \
+            or _has(rec.get("bench.json"), _LEGACY_BENCH):
+        return "legacy", ""
+    if "checkpoint.pt" in names and not rec:
+        try:
+            ck = _load_once(os.path.join(out, "checkpoint.pt"))
+        except (RuntimeError, OSError) as e:
+            return "foreign", str(e)
+        if isinstance(ck, dict) and "model" in ck and _has(ck.get("args"), _LEGACY_ARGS):
+            return "legacy", ""
+    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+    return "foreign", f"it holds {shown} and no run.json, final.json or bench.json written by its common.py"
+
+
+def _check_run_dir_kind(out):
+    """Refuse, in one line and before anything is written, a --out that is a file or a folder this
+    repository did not make. Returns classify_run_dir's kind."""
+    kind, why = classify_run_dir(out)
+    if kind == "file":
+        fail(f"--out {out} is a file, not a folder: give a folder for the run")
+    if kind == "unreadable":
+        fail(f"cannot read the run folder {out} ({why}): choose another --out")
+    if kind == "foreign":
+        fail(f"{out} is not a run folder of this repository ({why}); nothing in it was changed: "
+             f"choose another --out")
+    return kind
 
 
 def _finished(out, args):
     """True when `out` holds a finished run of --epochs (final.json), which --resume leaves as it is."""
-    try:
-        with open(os.path.join(out, "final.json")) as f:
-            return json.load(f).get("epochs") == args.epochs
-    except (OSError, ValueError):
-        return False
+    rec = _read_json(os.path.join(out, "final.json"))
+    return isinstance(rec, dict) and rec.get("epochs") == args.epochs
 
 
-def run(args, Method):
-    """The whole life of a run: checks, run folder, (DDP) training, final.json."""
-    out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
-    if args.resume and not args.bench and _finished(out, args):
-        print(f"{out} is finished ({args.epochs} epochs): {out}/final.json; nothing to do "
-              f"(a larger --epochs extends it)")
-        return
-    try:
-        data = None if args.bench else load_image_folders(args.data_dir) if args.dataset == "imagenet" \
-            else load_cifar(args.dataset, args.data_dir)
-        num_classes = dataset_info(args)[0]
-        Method(args, num_classes)  # build once here so that model errors (e.g. SOKD's teacher) come first
-    except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
-        fail(e)
-    made = None  # (folder created now?, it had no checkpoint): what to undo if the start fails
-    if not args.bench:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs this: rank 0 alone may
-            made = _prepare_run_dir(args, out)   # check, lock, clean and create the folder (the others write nothing)
-    else:
-        os.makedirs(out, exist_ok=True)
-    world = len(args.devices)
-    try:
-        if world > 1 and "RANK" not in os.environ:
-            import torch.multiprocessing as mp
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _remove_temp_files(out):
+    """atomic_write's temp files left by a writer that was killed (a checkpoint's: as large as one)."""
+    gone = []
+    for n in os.listdir(out):
+        if _TEMP_FILE.match(n):
             try:
-                mp.spawn(_worker, args=(world, args, Method, out, data), nprocs=world, join=True)
-            except mp.ProcessRaisedException as e:  # spawn has already stopped the other ranks
-                raise RuntimeError(f"a training process failed and every rank was stopped; its error:{e}") from None
-        elif "RANK" in os.environ:  # torchrun
-            _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
-        else:
-            _worker(0, 1, args, Method, out, data)
-    except KeyboardInterrupt:
-        _ignore_sigint()
-        ckpt = os.path.join(out, "checkpoint.pt")
-        print("\nstopped at once (second Ctrl-C); "
-              + (f"{ckpt} is intact: --resume continues from it" if os.path.isfile(ckpt) else
-                 f"no checkpoint yet in {out}: --resume starts the run over"), file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as e:
-        note = _undo_start(out, made)
-        if isinstance(e, (DataError, DiskFull, FileNotFoundError, RuntimeError, ValueError)):
-            fail(f"{e}{note}")
-        raise
-    finally:
-        _unlock()
-
-
-def _undo_start(out, made):
-    """After a failure: a run folder that got no checkpoint in this start is left as it was found (the
-    files this start wrote removed; the folder too if this start created it). Returns a note saying so."""
-    if not made or os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        return ""
-    created, _ = made
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-        return f" (nothing was kept: {out} removed)"
-    return f" (no checkpoint was written: the run files of {out} removed)"
-
-
-def _is_run_folder(out):
-    """A folder this repo may write into: it holds a run (run.json or checkpoint.pt), or only run files."""
-    names = [n for n in os.listdir(out) if n != ".lock" and not n.startswith(".tmp-")]
-    return any(n in ("run.json", "checkpoint.pt") for n in names) or all(n in RUN_FILES for n in names)
+                os.remove(os.path.join(out, n))
+                gone.append(n)
+            except FileNotFoundError:
+                pass
+    return gone
 
 
 def _lock_run_dir(out):
@@ -1188,15 +1469,21 @@ def _lock_run_dir(out):
         import fcntl
     except ImportError:  # no flock (Windows): one writer per folder is then up to the user
         return
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _folder_error(e, out, "lock the run folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
         fail(f"run folder {out} is in use by another process (pid {holder}); wait for it to end or stop it")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    try:  # the pid is for the line above only: a full disk here changes nothing
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:
+        pass
     _LOCK = fd
 
 
@@ -1209,30 +1496,450 @@ def _unlock():
         _LOCK = None
 
 
-def _prepare_run_dir(args, out):
-    """Check, lock and (with --force) clean the run folder. Returns (created now, had no checkpoint)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--out {out} is a file, not a folder")
-    exists = os.path.isdir(out)
-    if exists and not _is_run_folder(out):
-        fail(f"{out} exists and is not a run folder of this repo (no run.json or checkpoint.pt); "
-             f"{'--force deletes run folders only; ' if args.force else ''}choose another --out")
-    had_run = exists and any(os.path.exists(os.path.join(out, n)) for n in RUN_FILES)
-    if had_run and not (args.resume or args.force):
-        fail(f"run folder {out} exists; pass --resume to continue it or --force to start over")
-    os.makedirs(out, exist_ok=True)
-    _lock_run_dir(out)  # before anything is removed or written: another run may own the folder
-    ckpt = os.path.join(out, "checkpoint.pt")
-    if args.force and had_run:
+def _prepare_run_dir(args, out, kind):
+    """Create and lock the run folder; then, under the lock: remove what a killed writer left (temp files);
+    with --force, the previous run's files; with --resume, retire a final.json of fewer epochs (an
+    extension: summarize then shows the run as unfinished). Returns what _undo_start needs."""
+    created = kind == "absent"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _folder_error(e, out, "create the run folder") from None
+    made = {"created": created, "bench": bool(args.bench)}
+    try:
+        try:
+            _lock_run_dir(out)
+            _remove_temp_files(out)
+            if not args.bench:
+                _clean_run_dir(args, out, kind)
+        except OSError as e:
+            raise _folder_error(e, out, "prepare the run folder") from None
+    except BaseException:  # refused (another process holds it), an OS error, a signal: a new folder goes again
+        if created and not [n for n in os.listdir(out) if n != ".lock"]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return made
+
+
+def _clean_run_dir(args, out, kind):
+    """Under the lock: --force removes the previous run's files; --resume retires a final.json of fewer
+    epochs (renamed final-<epochs>-epochs.json)."""
+    final, ckpt = os.path.join(out, "final.json"), os.path.join(out, "checkpoint.pt")
+    if args.force and kind in ("ours", "legacy"):
         removed = []
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(out, name)):
+        for name in sorted(os.listdir(out)):
+            if name in RUN_FILES or _RETIRED.match(name):
                 os.remove(os.path.join(out, name))
                 removed.append(name)
-        print(f"--force: starting over in {out}; removed {', '.join(removed)}")
-    elif args.resume and not os.path.isfile(ckpt):
+        if removed:
+            print(f"--force: starting over in {out}; removed {', '.join(removed)}")
+    elif args.resume and os.path.isfile(final):
+        rec = _read_json(final)
+        old = rec.get("epochs") if isinstance(rec, dict) and isinstance(rec.get("epochs"), int) else None
+        name = f"final-{old if old is not None else getattr(args, 'extended_from', 0)}-epochs.json"
+        os.replace(final, os.path.join(out, name))  # a rename: no space needed, and the record is kept
+        print(f"--resume: {out} is no longer finished: its final.json (a {old}-epoch run) is now {name}", flush=True)
+    if args.resume and not os.path.isfile(ckpt):
         print(f"--resume: no checkpoint in {out} yet; starting the run from epoch 1")
-    return not exists, not os.path.isfile(ckpt)
+
+
+def _undo_start(out, made):
+    """After a failure or a stop before this start's first checkpoint: undo what the start wrote (never
+    another file). log.csv goes; run.json goes too unless the folder holds other files (a user's, a bench):
+    it stays their marker; a folder this start created goes when nothing else is in it. Returns a note."""
+    if not made or not os.path.isdir(out) or os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        return ""
+    try:
+        return _undo(out, made)
+    except OSError as e:
+        return f" ({out} could not be cleaned: {e.strerror or e})"
+
+
+def _undo(out, made):
+    _remove_temp_files(out)
+    if not made["bench"]:
+        for name in ("log.csv", "final.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    others = [n for n in os.listdir(out) if n not in ("run.json", ".lock")]
+    if made["bench"] or others:
+        if made["bench"] and made["created"] and not others:
+            shutil.rmtree(out, ignore_errors=True)
+            return f" (nothing was kept: {out} removed)"
+        return "" if made["bench"] else f" (no checkpoint was written: {out}/log.csv removed, run.json kept)"
+    if os.path.exists(os.path.join(out, "run.json")):
+        os.remove(os.path.join(out, "run.json"))
+    if made["created"]:
+        shutil.rmtree(out, ignore_errors=True)  # holds nothing but the lock now
+        return f" (nothing was kept: {out} removed)"
+    return f" (no checkpoint was written: the run files of {out} removed)"
+
+
+def _kept_epoch(out, known=None):
+    """Epochs in the run's checkpoint (known: as the loop counted them), 0 when there is none."""
+    if known:
+        return known
+    try:
+        return int(load_checkpoint(os.path.join(out, "checkpoint.pt"))["epoch"])
+    except (FileNotFoundError, RuntimeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def _kept(out, epochs, note=""):
+    return (f"the checkpoint of epoch {epochs} is kept in {out}: --resume continues from it" if epochs else
+            f"there is no checkpoint{note or ', nothing was kept'}: the next start begins at epoch 1")
+
+
+# ---- Checks that need the data: before anything is written
+
+def _check_data(args, model, data, out):
+    """What the loaded data makes impossible, in one line each: --resume onto other data; a holdout that
+    leaves less than a batch; a batch (or an epoch's last, short batch) the method cannot take, or that
+    leaves a process without images; a method's own limits (check_data) and memory (memory_needed)."""
+    identity = data_identity(args, data)
+    if args.resume:
+        stored, source = stored_data(out)
+        diff = [f"{k} {stored[k]!r} ({source}) vs {identity.get(k)!r} (now)"
+                for k in ("dataset", "train_images", "test_images", "labels_sha256")
+                if stored and k in stored and stored[k] != identity.get(k)]
+        if diff:
+            fail(f"--resume: the run in {out} was trained on other data: {'; '.join(diff)}; point --data-dir at "
+                 f"the data it was trained on (--data-dir {args.data_dir} now), or start a new run (--force, or "
+                 f"another --out)")
+    labels = np.asarray([t[1] for t in data[0]] if args.dataset == "imagenet" else data[1])
+    n, B, world = len(labels), args.batch_size, len(args.devices)
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes of --gpus {args.gpus}: give a multiple "
+             f"of {world}")
+    holdout = getattr(model, "holdout", 0)
+    left = n - holdout
+    if holdout and left < B:
+        fail(f"a holdout of {holdout} images leaves {max(left, 0)} of the {n} training images, less than one "
+             f"batch of {B}: lower the holdout (--val-size) or --batch-size")
+    if holdout:  # the method trains on the images left
+        labels = np.delete(labels, holdout_split(n, holdout, args.seed)[0])
+    need, per = max(1, getattr(model, "min_batch", 1)), B // world
+    short = 0 if args.dataset == "imagenet" else left % B  # imagenet's loader drops the last short batch
+    smallest = min(per, short // world) if short else per
+    if smallest < need:
+        what = (f"--batch-size {B} gives each of the {world} process(es) {per}" if per < need else
+                f"the last batch of each epoch holds {short} of the {left} training images, {short // world} "
+                f"for a process")
+        fail(f"{args.method} cannot train on a batch of {smallest} image(s) per process (it needs {need}"
+             f"{': ' + model.min_batch_why if hasattr(model, 'min_batch_why') else ''}); {what}: choose another "
+             f"--batch-size (one dividing {left} leaves no short batch)")
+    if hasattr(model, "check_data"):
+        try:
+            model.check_data(torch.as_tensor(labels))
+        except ValueError as e:
+            fail(e)
+    if all(d == "cpu" for d in args.devices):
+        _check_memory(model, left, B // world, "cpu", world)
+
+
+def _available_bytes(device):
+    """Memory free for this run: on a GPU what CUDA reports free, on the CPU /proc/meminfo's MemAvailable
+    (None where neither can be read)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_memory(model, n_train, batch, device, processes=1):
+    """A method's state that grows with the data (memory_needed: MCL's banks and negatives) against the
+    memory free on `device` (shared by `processes` on the CPU): refused in one line rather than killed by
+    the kernel's OOM killer minutes later."""
+    if not hasattr(model, "memory_needed"):
+        return
+    need, what, fix = model.memory_needed(n_train, batch)
+    free = _available_bytes(device)
+    if free is not None and need * processes > free:
+        raise ValueError(f"{what} need about {need * processes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are "
+                         f"free on {device}: {fix}")
+
+
+def _norm_stats(dataset, norm):
+    if dataset == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return NORMS[norm] if norm in NORMS else DATASETS[dataset][5:7]
+
+
+def check_teacher(path, teacher_args, args, teacher_data=None, data=None):
+    """Whether a teacher checkpoint fits this run (sokd.py; kd.py, reviewkd.py): teacher_args is the
+    checkpoint's "args" (baseline.py's options), teacher_data its "data" (data_identity; None for
+    checkpoints of older versions), data this run's identity when known. Raises ValueError, in one line
+    naming the setting, for what makes the teacher's predictions wrong: another dataset, other
+    normalisation statistics (--norm). Returns warnings (one line each) for what only shifts its inputs:
+    another --padding, another --image-size (imagenet), other training data of the same dataset."""
+    t = teacher_args if isinstance(teacher_args, dict) else {}
+    t_data, t_norm, t_pad = t.get("dataset"), t.get("norm", "dataset"), t.get("padding", "zeros")
+    hint = f"train a teacher with `python baseline.py --arch {t.get('arch', '?')} --dataset {args.dataset}"
+    if t_data != args.dataset:
+        raise ValueError(f"teacher checkpoint {path} was trained on {t_data}, this run is on {args.dataset}: "
+                         f"{hint}`")
+    norm = getattr(args, "norm", "dataset")
+    if args.dataset != "imagenet" and t_norm in (*NORMS, "dataset") and \
+            _norm_stats(t_data, t_norm) != _norm_stats(args.dataset, norm):
+        fmt = lambda s: "mean " + "/".join(f"{v:g}" for v in s[0]) + ", std " + "/".join(f"{v:g}" for v in s[1])
+        raise ValueError(f"teacher checkpoint {path} was trained with --norm {t_norm} "
+                         f"({fmt(_norm_stats(t_data, t_norm))}), this run normalises with --norm {norm} "
+                         f"({fmt(_norm_stats(args.dataset, norm))}): the teacher would see differently scaled "
+                         f"images; pass --norm {t_norm}, or {hint} --norm {norm}`")
+    warn = []
+    if args.dataset != "imagenet" and t_pad != getattr(args, "padding", "zeros"):
+        warn.append(f"teacher {path} was trained with --padding {t_pad}, this run crops with --padding "
+                    f"{args.padding}: the teacher sees training crops unlike its own (test images are the same)")
+    if args.dataset == "imagenet" and t.get("image_size") not in (None, getattr(args, "image_size", None)):
+        warn.append(f"teacher {path} was trained with --image-size {t['image_size']}, this run uses "
+                    f"{args.image_size}")
+    if isinstance(teacher_data, dict) and isinstance(data, dict):
+        diff = [f"{k} {teacher_data[k]} vs {data.get(k)} now" for k in ("train_images", "labels_sha256")
+                if k in teacher_data and teacher_data[k] != data.get(k)]
+        if diff:
+            warn.append(f"teacher {path} was trained on other {args.dataset} training data ({'; '.join(diff)})")
+    return warn
+
+
+# ---- The run
+
+def run(args, Method):
+    """The whole life of a run: checks, run folder, (DDP) training, final.json. However it ends, it says so
+    in one line and exits with 0 (done, or nothing to do) or a code above (EXIT_*, 128 + signal)."""
+    global _STOP
+    out = run_dir(args) if not args.bench else (args.out or run_dir(args) + "-bench")
+    _STOP = stop = Interrupt(phase="startup")
+    made = None
+    try:
+        kind = _check_run_dir_kind(out)
+        if not args.bench and kind in ("ours", "legacy") and not (args.resume or args.force) and \
+                any(os.path.exists(os.path.join(out, n)) for n in _TRAINING_FILES):
+            fail(f"run folder {out} exists; pass --resume to continue it or --force to start over")
+        if args.resume and not args.bench and _finished(out, args):
+            print(f"{out} is finished ({args.epochs} epochs): {out}/final.json; nothing to do "
+                  f"(a larger --epochs extends it)")
+            return
+        if args.resume and not args.bench and os.path.isfile(os.path.join(out, "final.json")) and \
+                not os.path.isfile(os.path.join(out, "checkpoint.pt")):  # e.g. a record kept without its weights
+            fail(f"--resume: {out} holds a finished run without its checkpoint.pt: there are no weights to continue "
+                 f"from; start a new run elsewhere (another --out), or --force to replace this one")
+        try:
+            data = None if args.bench else load_image_folders(args.data_dir) if args.dataset == "imagenet" \
+                else load_cifar(args.dataset, args.data_dir)
+            num_classes = dataset_info(args)[0]
+            model = Method(args, num_classes)  # built once here so that model errors (e.g. SOKD's teacher) come first
+        except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
+            fail(e)
+        if not args.bench:
+            _check_data(args, model, data, out)
+        del model
+        _LOADED.clear()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs this: rank 0 alone may
+            made = _prepare_run_dir(args, out, kind)  # lock, clean and create the folder (the others write nothing)
+        stop.phase = "prepared"
+        world = len(args.devices)
+        if world > 1 and "RANK" not in os.environ:
+            _launch(world, args, Method, out, data, stop)
+        elif "RANK" in os.environ:  # torchrun
+            _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, Method, out, data)
+        else:
+            _worker(0, 1, args, Method, out, data)
+    except Stopped as e:
+        name = _signame(e.signum)
+        if e.before_final:
+            print(f"stopped ({name}) after the last epoch, before the final evaluation: final.json was not written; "
+                  f"the checkpoint of epoch {e.kept} is kept in {out}: --resume evaluates it and writes final.json",
+                  flush=True)
+        else:
+            note = _undo_start(out, made) if not e.kept else ""
+            print(f"stopped in epoch {e.epoch + 1} ({name}): {_kept(out, e.kept, note)}", flush=True)
+        sys.exit(128 + e.signum)
+    except Stop as e:
+        name = _signame(e.signum)
+        if made and _finished(out, args):  # final.json was written just before the signal
+            print(f"{out} finished before the stop ({name}): {out}/final.json", flush=True)
+            return
+        if e.where == "startup" and made is None:
+            print(f"stopped ({name}) during start-up: nothing was written", flush=True)
+        elif e.where == "final":
+            print(f"stopped ({name}) during the final evaluation: final.json was not written; the checkpoint of "
+                  f"epoch {_kept_epoch(out, stop.done)} (the last) is kept in {out}: --resume evaluates it and "
+                  f"writes final.json", flush=True)
+        else:
+            kept = _kept_epoch(out, stop.done)
+            note = _undo_start(out, made) if not kept else ""
+            print((f"stopped at once (second {name}): " if e.where == "again" else
+                   f"stopped ({name}) during start-up: ") + _kept(out, kept, note), flush=True)
+        sys.exit(128 + e.signum)
+    except Exception as e:
+        note = _undo_start(out, made)
+        code = _exit_code(e, stop.phase)
+        if code:
+            fail(f"{e}{note}", code)
+        raise
+    finally:
+        _unlock()
+        stop.restore()
+        _STOP = None
+
+
+def _exit_code(e, phase):
+    """The exit code of an exception said in one line (None: a bug, shown with its traceback)."""
+    if isinstance(e, ProcessDied):
+        return e.exit_code
+    if isinstance(e, NonFinite):
+        return EXIT_NONFINITE
+    if isinstance(e, (DiskFull, RunFolderError)):
+        return EXIT_WRITE if phase in ("training", "final", "launcher") else EXIT_ERROR
+    if isinstance(e, (DataError, FileNotFoundError, RuntimeError, ValueError)):
+        return EXIT_ERROR
+    return None
+
+
+def _launch(world, args, Method, out, data, stop):
+    """--gpus with several devices: one training process per device (spawned; INT/TERM/HUP reach them
+    through this one, see Interrupt), and one line however they end. When one dies (raised, or killed), the
+    others are stopped at once (SIGUSR2, then SIGKILL after a grace period): its error is raised here."""
+    import multiprocessing as mp
+    import multiprocessing.connection
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    shared = ctx.RawArray("i", 2)  # the launcher's first and second signal, for the processes' messages
+    report_dir = tempfile.mkdtemp(prefix="okd-processes-")
+    usr = {signal.SIGUSR1, signal.SIGUSR2}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, usr | set(STOP_SIGNALS))  # pending until we listen
+    saved = {}
+    procs = []
+    try:
+        for s in STOP_SIGNALS:  # the processes start with these ignored (their USR1/USR2 blocked until ready)
+            try:
+                saved[s] = signal.signal(s, signal.SIG_IGN)
+            except ValueError:  # not the main thread: signals reach the processes directly
+                pass
+        for r in range(world):
+            procs.append(ctx.Process(target=_child, args=(r, world, args, Method, out, data, shared, report_dir),
+                                     name=f"training process {r}"))
+            procs[-1].start()
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        stop.phase, stop.procs, stop.shared = "launcher", procs, shared
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        failed = _join(procs)
+        reports = {r: _read_json(os.path.join(report_dir, f"{r}.json")) or {} for r in range(world)}
+    finally:
+        stop.procs = []
+        shutil.rmtree(report_dir, ignore_errors=True)
+    _LOADED.clear()
+    if _finished(out, args):  # rank 0 wrote final.json and said so
+        return
+    first = reports.get(0, {})
+    if failed is not None and reports.get(failed, {}).get("kind") not in ("stopped", "stop"):
+        p, rep = procs[failed], reports.get(failed, {})
+        if rep.get("kind") == "error":
+            what, code = f"failed: {rep.get('message')}", rep.get("code", EXIT_PROCESS)
+        elif p.exitcode is not None and p.exitcode < 0:
+            what, code = f"was killed by {signal.Signals(-p.exitcode).name}", EXIT_PROCESS
+        else:
+            what, code = f"ended with exit code {p.exitcode}", EXIT_PROCESS
+        kept = _kept_epoch(out, max((r.get("done", 0) for r in reports.values()), default=0))
+        raise ProcessDied(f"training process {failed} of {world} (pid {p.pid}) {what}; every process was stopped; "
+                          + (f"the checkpoint of epoch {kept} is kept in {out}: --resume continues from it" if kept
+                             else "there is no checkpoint"), code if code in (EXIT_ERROR, EXIT_NONFINITE, EXIT_WRITE)
+                          else EXIT_PROCESS)
+    signum = shared[0] or first.get("signum") or 0
+    if first.get("kind") == "stopped":
+        raise Stopped(first["signum"], first["epoch"], first["kept"], first.get("before_final", False))
+    if first.get("kind") == "stop" or signum:
+        stop.done = first.get("done", 0)
+        raise Stop(first.get("signum") or shared[1] or signum or signal.SIGTERM,
+                   first.get("where", "again" if stop.count > 1 else "startup"))
+
+
+def _join(procs, grace=10.0):
+    """Wait for every process; when one ends with an error, stop the others at once (SIGUSR2; SIGKILL after
+    `grace` seconds for one stuck in a collective). Returns the rank that failed first, or None."""
+    import multiprocessing.connection
+    alive = {p.sentinel: r for r, p in enumerate(procs)}
+    failed, deadline = None, None
+    while alive:
+        ready = multiprocessing.connection.wait(list(alive), None if deadline is None else
+                                                max(0.0, deadline - time.monotonic()))
+        if not ready:  # the grace period is over
+            for r in alive.values():
+                procs[r].kill()
+            deadline = time.monotonic() + 1
+            continue
+        batch = []
+        for s in ready:
+            batch.append(alive.pop(s))
+            procs[batch[-1]].join()
+        bad = sorted((r for r in batch if procs[r].exitcode != 0),
+                     key=lambda r: (procs[r].exitcode >= 0, r))  # one killed by a signal is the likelier cause
+        if bad and failed is None:
+            failed, deadline = bad[0], time.monotonic() + grace
+            for r in alive.values():
+                try:
+                    os.kill(procs[r].pid, signal.SIGUSR2)
+                except OSError:
+                    pass
+    return failed
+
+
+def _set_parent_death_signal(sig):
+    """Linux: `sig` when the launcher dies (e.g. killed by the OOM killer), so that no process trains on alone."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(rank, world, args, Method, out, data, shared, reports):
+    """A training process of a --gpus run (started by _launch): its outcome goes to reports/<rank>.json
+    for the launcher's one line; a bug's traceback is printed here."""
+    global _STOP
+    _STOP = stop = Interrupt(phase="startup", child=shared)
+    stop.verbose = rank == 0
+    _set_parent_death_signal(signal.SIGUSR1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    code, report = 0, None
+    try:
+        _worker(rank, world, args, Method, out, data)
+    except Stopped as e:
+        report = {"kind": "stopped", "signum": e.signum, "epoch": e.epoch, "kept": e.kept,
+                  "before_final": e.before_final}
+    except Stop as e:
+        code, report = 128 + e.signum, {"kind": "stop", "signum": e.signum, "where": e.where}
+    except Exception as e:
+        code = _exit_code(e, stop.phase) or EXIT_PROCESS
+        if code == EXIT_PROCESS:
+            import traceback
+            traceback.print_exc()
+        lines = str(e).strip().splitlines()
+        report = {"kind": "error", "code": code,
+                  "message": (lines[0] if lines else "") if code != EXIT_PROCESS else
+                  f"{type(e).__name__}: {lines[-1] if lines else ''}"}
+    if report is not None:
+        report["done"] = stop.done
+        try:
+            with open(os.path.join(reports, f"{rank}.json"), "w") as f:
+                json.dump(report, f)
+        except OSError:
+            pass
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 def _set_lr(opt, args, epoch):
@@ -1261,7 +1968,10 @@ def _worker(rank, world, args, Method, out, data):
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     try:
-        if os.environ.get("OKD_FAIL_RANK") == str(rank):  # tests: one rank dies, the others must not hang
+        fail_rank, _, how = os.environ.get("OKD_FAIL_RANK", "").partition(":")  # tests: one rank dies ("R"
+        if fail_rank == str(rank):                                             # raises, "R:kill" is killed);
+            if how == "kill":                                                  # the others must not hang
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"rank {rank}: failure injected by OKD_FAIL_RANK")
         _train(rank, world, args, Method, out, data, device)
         if world > 1:  # leave together: a rank that tears gloo down while the other still sends or
@@ -1317,6 +2027,8 @@ def _train(rank, world, args, Method, out, data, device):
                             args.padding)
         test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=True)
     n_train = len(train_data.y)
+    if cuda and not args.bench:  # what CUDA has free is known here only (run() checked the CPU's)
+        _check_memory(model, n_train, args.batch_size // world, device)
     if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
         model.on_data(train_data.y)
 
@@ -1347,7 +2059,7 @@ def _train(rank, world, args, Method, out, data, device):
     if rank == 0:
         # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's
         # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
-        atomic_json({**_plain_args(args), "resolved": resolved, "data": identity,
+        atomic_json({**MARKER, **_plain_args(args), "resolved": resolved, "data": identity,
                      "machine": machine_info(device)},
                     os.path.join(out, "run.json"))
         _write_log(out, history)
@@ -1358,8 +2070,9 @@ def _train(rank, world, args, Method, out, data, device):
             print(f"{args.method} {args.arch} {args.dataset}: "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
                   f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
-    stop = Interrupt()
-    stop.done = start
+    stop = _STOP if _STOP is not None else Interrupt()
+    stop.done, stop.phase = start, "training"
+    agree = _Agreement(world)  # every process stops after the same step
     progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
     for epoch in range(start, args.epochs):
         lr = _set_lr(opt, args, epoch)
@@ -1369,7 +2082,7 @@ def _train(rank, world, args, Method, out, data, device):
         if hasattr(model, "on_epoch"):
             model.on_epoch(epoch, hold)
         t0 = time.time()
-        sums, names, first_bad, bad_terms, n_steps = None, None, None, None, 0
+        sums, names, first_bad, bad_terms, n_steps, stopping = None, None, None, None, 0, 0
         for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
             names, vals = train_step(model, step_model, opts, x, y, idx, epoch, amp)
             if sums is None:  # loss sums and the first non-finite step stay on the device until the epoch ends
@@ -1384,21 +2097,18 @@ def _train(rank, world, args, Method, out, data, device):
             n_steps += 1
             if progress:
                 progress.step(epoch, args.epochs, n_steps)
-            if stop.hit:
+            stopping = agree(stop.hit)
+            if stopping:
                 break
         if progress:
             progress.clear()
-        if stop.hit:  # epochs are counted from 1 in messages, as in the log
-            kept = (f"the checkpoint of epoch {epoch} is kept in {out}: --resume continues from it" if epoch else
-                    f"no epoch was complete, so there is no checkpoint: --resume starts the run over in {out}")
-            print(f"stopped in epoch {epoch + 1}; {kept}")
-            _ignore_sigint()  # on the way out: another Ctrl-C must not turn the exit into a traceback
-            sys.exit(130)
+        if stopping:  # run() says so and exits 128 + the signal; the checkpoint of `epoch` epochs is kept
+            agree.close()
+            raise Stopped(stopping, epoch, epoch)
         if first_bad.item() >= 0:
             bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
-            print(f"error: non-finite loss at epoch {epoch + 1} step {first_bad.item() + 1} in term(s) {', '.join(bad)}; "
-                  f"stopped; the checkpoint of the last good epoch ({epoch}) is kept in {out}", file=sys.stderr)
-            sys.exit(3)
+            raise NonFinite(f"non-finite loss at epoch {epoch + 1} step {first_bad.item() + 1} in term(s) "
+                            f"{', '.join(bad)}; stopped; the checkpoint of the last good epoch ({epoch}) is kept in {out}")
         if world > 1:
             dist.all_reduce(sums)
             sums /= world
@@ -1413,16 +2123,22 @@ def _train(rank, world, args, Method, out, data, device):
         history.append(row)
         if rank == 0:  # the checkpoint first, then the log row: the log never runs ahead of the checkpoint
             try:
-                atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                atomic_save({**MARKER, "model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
                              **({"opt_extra": extra.state_dict()} if extra is not None else {}),
-                             "history": history, "args": _plain_args(args)}, ckpt_path)
-            except DiskFull as e:
-                raise DiskFull(f"{e}; the checkpoint of epoch {epoch} is intact: free space, then --resume") from None
+                             "history": history, "args": _plain_args(args), "data": identity}, ckpt_path)
+            except (DiskFull, RunFolderError) as e:
+                kept = f"the checkpoint of epoch {epoch} is intact" if epoch else "no checkpoint was written yet"
+                raise type(e)(f"{e}; {kept}: free space (or fix the folder), then --resume") from None
             _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs, header=epoch == start)
             stop.done = epoch + 1
         if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
+            agree.close()
             print(f"halted after epoch {epoch + 1} (--halt-after)")
             return
+    stopping = agree.close(stop.hit)  # a signal while the last epoch was evaluated and saved
+    if stopping:
+        raise Stopped(stopping, args.epochs, args.epochs, before_final=True)
+    stop.phase = "final"  # a signal from here on stops at once: the run is finished only with final.json
     train_top1 = None  # overfitting shows as training top-1 far above test top-1: measured once, at the end
     if args.dataset != "imagenet":
         k = min(len(tx), TRAIN_EVAL_IMAGES)
@@ -1525,18 +2241,21 @@ def _log(out, row, term_names, head_names, deploy, epochs, header=False):
           + " | " + " ".join(f"{row[h]:9.2f}" if row[h] is not None else f"{'-':>9}" for h in head_names)
           + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
     path = os.path.join(out, "log.csv")
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
     try:
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise DiskFull(f"disk full while writing {path} ({shutil.disk_usage(out).free / 2**20:.0f} MiB free); "
-                       f"the checkpoint of epoch {row['epoch']} is intact: free space, then --resume") from None
+        with open(path, "rb") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = b""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(row))
+    if not old:
+        w.writeheader()
+    w.writerow(row)
+    try:  # the whole file again, atomically: a full disk leaves the previous log.csv, never a truncated one
+        atomic_write(path, lambda f: f.write(old + text.getvalue().encode()), len(old))
+    except (DiskFull, RunFolderError) as e:
+        raise type(e)(f"{e}; the checkpoint of epoch {row['epoch']} is intact (log.csv is rewritten from it): "
+                      f"free space (or fix the folder), then --resume") from None
 
 
 def _write_log(out, history):
@@ -1605,7 +2324,7 @@ TRAIN_EVAL_IMAGES = 10_000  # final.json's "train_last": top-1 on the first (un-
 def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None, identity=None):
     heads = [k for k in history[-1] if k in model.head_params()]
     best = {h: max(((r[h], r["epoch"]) for r in history if r[h] is not None), key=lambda t: t[0]) for h in heads}
-    final = {"method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
+    final = {**MARKER, "method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
              "seed": args.seed, "deploy": model.deploy, "last": {h: history[-1][h] for h in heads},
              "best": {h: list(v) for h, v in best.items()}, "params": model.head_params(),
              "train_last": train_top1, "resolved": resolved or {},
@@ -1617,6 +2336,8 @@ def _final(args, out, model, history, rank_sums, device, train_top1=None, resolv
              "data": identity,
              "machine": machine_info(device), "args": _plain_args(args)}
     atomic_json(final, os.path.join(out, "final.json"))
+    if _STOP is not None:
+        _STOP.phase = "done"  # finished: a signal from now on changes nothing
     d = model.deploy
     others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
     print(f"done: {d} (deployable) {final['last'][d]:.2f}% top-1 at the last epoch"
@@ -1673,7 +2394,7 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
         dt += timed(loop_steps, k, it)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = {"method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
+    res = {**MARKER, "method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
            "images_per_second": round(args.batch_size * args.bench / dt, 1),
            "seconds_per_step": round(dt / args.bench, 5), "peak_memory_bytes": int(peak),
            "bare_step_images_per_second": round(args.batch_size * args.bench / dt_bare, 1),

@@ -18,11 +18,10 @@ Heads: every peer ("peer1" ... deployable: peer1) and "ensemble" = mean of the p
     python dml.py --arch resnet32 --dataset cifar100 --gpus 0
     python dml.py --arch resnet32,mobilenetv2 --peers 2       # one architecture per peer
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

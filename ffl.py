@@ -38,11 +38,10 @@ sub-networks and fused only).
     python ffl.py --arch resnet32 --dataset cifar100 --gpus 0
     python ffl.py --arch resnet32 --wd 1e-4                       # the official weight decays
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

@@ -62,11 +62,10 @@ oracle, not reproduced).
 """
 import math
 
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

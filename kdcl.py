@@ -41,11 +41,10 @@ probabilities (whatever the variant), all on the unaugmented test images.
     python kdcl.py --arch resnet32,wrn_16_2 --dataset cifar100 --gpus 0        # the paper's CIFAR pair; peer1 = ResNet-32
     python kdcl.py --arch resnet32 --peers 2 --variant general --val-size 5000
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

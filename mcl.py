@@ -42,11 +42,10 @@ ensemble: the paper's gain from DOT (ResNet-32 error 27.29 -> 24.52) is that bra
     python mcl.py --arch resnet32 --dataset cifar100 --gpus 0
     python mcl.py --arch resnet32 --batch-size 64 --lr 0.05 --cosine     # the official recipe
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):
@@ -117,6 +116,23 @@ class MCL(nn.Module):
         self.batch_size = args.batch_size
         self.deploy = f"branch{args.branches}"
         self._stash = None
+
+    def check_data(self, train_labels):
+        """Before the run starts (common.run): negatives need a second class."""
+        if len(torch.unique(train_labels)) < 2:
+            raise ValueError("MCL needs training images of at least two classes to draw negatives")
+
+    def memory_needed(self, n_train, batch):
+        """(bytes, what, fix) for common's memory check: the banks (branches x n_train x feat_dim floats,
+        for the run's life) and a step's NCE tensors per process (nce_loss keeps each pair's gathered bank
+        rows (batch x (1 + K) x D) for the backward pass, and builds a (batch x (1 + K) x (branches - 1) x D)
+        product and its gradient one pair at a time)."""
+        nb, D, K = len(self.branches), self.feat_dim, self.nce_k
+        banks = 4 * nb * n_train * D
+        step = 4 * batch * (1 + K) * D * (nb + 2 * (nb - 1))
+        return (banks + step, f"MCL's memory banks ({nb} x {n_train} x {D} floats) and a step's NCE scores "
+                              f"(batch {batch} x {1 + K} rows, --nce-k {K})",
+                "lower --nce-k, --feat-dim or --batch-size")
 
     def on_data(self, train_labels):
         """One bank row per training image, uniform in [-s, s], s = 1/sqrt(D/3) (official init);

@@ -52,11 +52,10 @@ included); the ensemble's is the stem plus all students (the adapters serve trai
     python oeckd.py --arch resnet32 --dataset cifar100 --gpus 0
     python oeckd.py --arch resnet32 --dataset cifar100 --recipe paper   # Adam, 350 epochs, no normalisation
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 # the backbones this method compresses: (blocks per stage, stage widths, stem width) of common's BasicBlock ResNets
 RESNETS = {**{f"resnet{d}": ([(d - 2) // 6] * 3, [16, 32, 64], 16) for d in (8, 14, 20, 32, 44, 56, 110)},

@@ -72,11 +72,10 @@ deployable, the backbone's size) and "ensemble" = mean of the peers' logits, the
     python okddip.py --arch resnet110b --dataset cifar100 --gpus 0      # OKDDip's "ResNet-110"
     python okddip.py --arch resnet32 --detach-targets                  # targets never train their makers
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):

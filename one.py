@@ -30,11 +30,10 @@ logits z_e ("ONE-E").
     python one.py --arch resnet32 --dataset cifar100 --gpus 0
     python one.py --arch resnet32 --wd 1e-4 --no-nesterov        # the official optimiser
 """
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):
@@ -60,6 +59,9 @@ def one_loss(logits, g, y, T, w):
 
 
 class ONE(nn.Module):
+    min_batch = 2  # common.run refuses a batch (or an epoch's short last batch) of 1 image per process
+    min_batch_why = "its gate normalises over the batch (BatchNorm1d)"
+
     def __init__(self, args, num_classes):
         super().__init__()
         self.trunk, self.branches = common.split_model(args.arch, num_classes, -1, args.branches)

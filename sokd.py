@@ -56,12 +56,12 @@ writes the improved teacher as one plain network in baseline.py's checkpoint for
     python sokd.py --export-teacher runs/sokd-wrn_40_1-cifar100-s0   # -> .../improved_teacher.pt
 """
 import os
+import sys
 
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):
@@ -91,10 +91,11 @@ def _train_teacher_hint(arch, dataset):
     return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
 
 
-def load_teacher(path, arch, dataset, num_classes):
+def load_teacher(path, arch, dataset, num_classes, args=None):
     """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
     Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
-    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count."""
+    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count; with
+    the run's args, also another normalisation (common.check_teacher, whose warnings are printed)."""
     try:
         ck = common.load_checkpoint(path, "teacher checkpoint")
     except (FileNotFoundError, RuntimeError) as e:
@@ -111,6 +112,9 @@ def load_teacher(path, arch, dataset, num_classes):
         raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
                          f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
                          + _train_teacher_hint(arch or t_arch, dataset))
+    if args is not None:
+        for w in common.check_teacher(path, meta, args, ck.get("data")):
+            print(f"warning: {w}", file=sys.stderr)
     net = common.build_model(t_arch, num_classes)
     try:
         net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
@@ -252,7 +256,7 @@ def main():
     else:  # checked here, before common.run creates the run folder
         try:
             args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.dataset_info(args)[0])
+                                                      common.dataset_info(args)[0], args)
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

@@ -788,8 +788,7 @@ def test_interrupt_messages_tell_the_truth():
         assert says in buf.getvalue()
     with pytest.raises(KeyboardInterrupt):  # the second one stops at once
         stop._handle()
-    import signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop.restore()  # SIGINT, SIGTERM and SIGHUP as they were
 
 
 def test_two_ctrl_c_stop_at_once_without_a_traceback(data, tmp_path):
@@ -846,8 +845,8 @@ def test_limits_that_depend_on_the_data_leave_no_half_made_folder(data, tmp_path
     out = tmp_path / "k"  # fake CIFAR-100 has 256 training images: a holdout of 300 leaves none
     with pytest.raises(SystemExit):
         run_main("kdcl", *TINY, "--data-dir", data, "--variant", "general", "--val-size", 300, "--out", out)
-    err = capsys.readouterr().err
-    assert "a holdout of 300 images leaves nothing of the 256" in err and "removed" in err
+    err = capsys.readouterr().err  # refused before the run folder is made (issue 29)
+    assert "a holdout of 300 images leaves 0 of the 256 training images, less than one batch of 64" in err
     assert "classes of cifar100" in err  # the fake folder lacks some of the 100 classes: warned
     assert not out.exists()
 
@@ -4622,3 +4621,588 @@ def test_reviewkd_runs_copied_next_to_common_alone(tmp_path):
     assert r.returncode == 0, r.stderr
     for flag in ("--teacher", "--teacher-arch", "--lambda", "--warmup", "--recipe"):
         assert flag in r.stdout
+
+
+# ===== run-folder invariants (issue 29) =====
+# A run folder is what this repository made; nothing stale or partial is left in it; every way a run
+# ends is one true line with its own exit code; every refusal is one line before anything is written;
+# --resume continues the same experiment (README "When things go wrong", the rows from "a folder this
+# repository did not make" on).
+
+import errno  # noqa: E402  (this section's own)
+import io  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+
+INV = ["--arch", "resnet8", "--batch-size", "32", "--gpus", "cpu", "--lr", "0.05", "--schedule"]  # 2 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def inv_data(tmp_path_factory):
+    return fake_cifar(tmp_path_factory.mktemp("inv_cifar"), n_train=64, n_test=32)
+
+
+def _call(capsys, script, *argv):
+    """(exit code, stdout, stderr) of `python script.py argv` run in this process; stderr without the
+    fake data's warning about missing classes."""
+    capsys.readouterr()
+    code = 0
+    try:
+        run_main(script, *argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    got = capsys.readouterr()
+    err = "\n".join(ln for ln in got.err.splitlines() if not ln.startswith("warning: the training labels"))
+    return code, got.out, err
+
+
+def _snapshot(path):
+    """Every file of a folder and its bytes (None: nothing there)."""
+    if not os.path.lexists(path):
+        return None
+    return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path))}
+
+
+def _assert_one_line(err):
+    assert len(err.strip().splitlines()) == 1, err
+    for text in ("Traceback", "torch.", "numpy", "Error:", "Exception"):  # no library's words
+        assert text not in err, err
+
+
+def _assert_consistent(out):
+    """The run folder after any command: ours, no temp file, no empty file, every file whole, the log
+    matching the checkpoint, final.json only for a finished run of the checkpoint's epochs."""
+    names = os.listdir(out)
+    assert common.classify_run_dir(str(out))[0] == "ours", names
+    assert not [n for n in names if n.startswith(".tmp-")], names
+    assert all(os.path.getsize(os.path.join(out, n)) > 0 for n in names if n != ".lock"), names
+    run = json.load(open(os.path.join(out, "run.json"))) if "run.json" in names else None
+    if run is not None:
+        assert run["made_by"] == common.MARKER["made_by"]
+    if "checkpoint.pt" in names:
+        ck = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        assert ck["made_by"] == common.MARKER["made_by"] and ck["data"]["train_images"] == 64
+        assert [int(r["epoch"]) for r in read_log(out)] == list(range(1, ck["epoch"] + 1))
+        if "final.json" in names:
+            fin = read_final(out)
+            assert fin["made_by"] == common.MARKER["made_by"] and fin["epochs"] == ck["epoch"] == run["epochs"]
+    else:
+        assert "final.json" not in names and "log.csv" not in names
+
+
+@pytest.fixture(scope="module")
+def inv_templates(inv_data, tmp_path_factory):
+    """Run folders in the states a run goes through: checkpointed (1 of 2 epochs), finished (2 of 2),
+    extended (a finished 2-epoch run extended to 4, stopped after 3: its final.json retired)."""
+    root = tmp_path_factory.mktemp("inv_templates")
+    base = [*INV, "--data-dir", inv_data]
+    run_main("baseline", *base, "--epochs", 2, "--out", root / "checkpointed", "--halt-after", 1)
+    shutil.copytree(root / "checkpointed", root / "finished")
+    run_main("baseline", *base, "--epochs", 2, "--out", root / "finished", "--resume")
+    shutil.copytree(root / "finished", root / "extended")
+    run_main("baseline", *base, "--epochs", 4, "--out", root / "extended", "--resume", "--halt-after", 3)
+    assert sorted(os.listdir(root / "extended")) == [".lock", "checkpoint.pt", "final-2-epochs.json", "log.csv",
+                                                     "run.json"]
+    return root
+
+
+def _strip_marker(out):
+    """What an earlier version of common.py wrote: no marker in run.json or the checkpoint, no data in it."""
+    p = os.path.join(out, "run.json")
+    if os.path.exists(p):
+        rec = json.load(open(p))
+        json.dump({k: v for k, v in rec.items() if k not in common.MARKER}, open(p, "w"))
+    ck = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    torch.save({k: v for k, v in ck.items() if k not in (*common.MARKER, "data")}, os.path.join(out, "checkpoint.pt"))
+
+
+FOREIGN = ("user_log", "user_run_json")
+RUNS = ("started", "checkpointed", "finished", "extended", "record", "legacy", "legacy_checkpoint_only")
+
+
+def _make_state(state, tpl, out):
+    """A run folder in `state`; every state but new and the user's own folders also holds a user's file,
+    a temp file of a writer that was killed, and a lock file no process holds."""
+    if state == "new":
+        return
+    os.makedirs(out)
+    if state == "user_log":
+        (out / "log.csv").write_text("my own,log\n1,2\n")
+        return
+    if state == "user_run_json":
+        (out / "run.json").write_text('{"epochs": 5, "note": "another program\'s run"}')
+        (out / "log.csv").write_text("step,loss\n1,0.5\n")
+        return
+    if state == "started":
+        shutil.copy(tpl / "checkpointed" / "run.json", out)
+    elif state in ("checkpointed", "finished", "extended"):
+        shutil.copytree(tpl / state, out, dirs_exist_ok=True)
+    elif state == "record":  # a finished run kept without its weights, as results/ keeps them
+        shutil.copytree(tpl / "finished", out, dirs_exist_ok=True)
+        os.remove(out / "checkpoint.pt")
+    elif state == "legacy":
+        shutil.copytree(tpl / "checkpointed", out, dirs_exist_ok=True)
+        _strip_marker(out)
+    elif state == "legacy_checkpoint_only":
+        shutil.copy(tpl / "checkpointed" / "checkpoint.pt", out)
+        _strip_marker(out)
+    if state != "empty":
+        (out / "notes.txt").write_text("the user's")
+    (out / ".tmp-checkpoint.pt-k1lled00").write_bytes(b"half a checkpoint")
+    (out / ".lock").write_text("12345")
+
+
+@pytest.mark.parametrize("state", ["new", "empty", *FOREIGN, *RUNS])
+def test_invariant_every_command_on_every_run_folder_state(state, inv_data, inv_templates, tmp_path, capsys):
+    """Property: for each state a folder can be in and each command (a plain start, --force, --resume,
+    --bench): a folder this repository did not make is refused and left byte for byte; a run folder is
+    refused by a plain start, and after any command it holds no temp file, no empty file, a log matching
+    the checkpoint, final.json only for a finished run, and the user's own file untouched."""
+    epochs = 4 if state == "extended" else 2
+    for cmd, flags in (("start", []), ("force", ["--force"]), ("resume", ["--resume"]), ("bench", ["--bench", 1])):
+        out = tmp_path / cmd / state
+        os.makedirs(out.parent, exist_ok=True)
+        _make_state(state, inv_templates, out)
+        before = _snapshot(out)
+        code, stdout, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", epochs,
+                                  "--out", out, *flags)
+        said = f"{state} / {cmd}: {stdout}{err}"
+        if state in FOREIGN:
+            assert code == 2 and "not a run folder of this repository" in err, said
+            _assert_one_line(err)
+            assert _snapshot(out) == before, said
+            continue
+        if cmd == "start" and state in RUNS:
+            assert code == 2 and "exists; pass --resume to continue it or --force to start over" in err, said
+            assert _snapshot(out) == before, said
+            continue
+        if cmd == "resume" and state in ("finished", "record"):  # --epochs 2: nothing to do
+            assert code == 0 and "is finished" in stdout and _snapshot(out) == before, said
+            code, stdout, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 3, "--out", out,
+                                      "--resume")  # to extend it, the weights are needed
+            if state == "record":
+                assert code == 2 and "without its checkpoint.pt" in err and _snapshot(out) == before, stdout + err
+                continue
+            assert code == 0 and read_final(out)["epochs"] == 3, stdout + err
+            _assert_consistent(out)
+            continue
+        assert code == 0, said
+        after = _snapshot(out)
+        if state not in ("new", "empty"):
+            assert after["notes.txt"] == b"the user's", said
+        if cmd == "bench":
+            bench = json.loads(after.pop("bench.json"))
+            assert bench["made_by"] == common.MARKER["made_by"] and bench["steps"] == 1
+            keep = {n: b for n, b in (before or {}).items() if n not in (".lock", ".tmp-checkpoint.pt-k1lled00")}
+            assert {n: b for n, b in after.items() if n != ".lock"} == keep, said  # nothing else touched
+            assert common.classify_run_dir(str(out))[0] == "ours"
+            continue
+        _assert_consistent(out)
+        assert read_final(out)["epochs"] == epochs, said
+        if cmd == "force" and state in RUNS:
+            assert "--force: starting over" in stdout and "final-2-epochs.json" not in after, said
+        if cmd == "resume" and state in ("checkpointed", "legacy", "legacy_checkpoint_only", "extended"):
+            assert "resumed" in stdout, said
+
+
+def test_invariant_a_folder_of_runs_or_a_file_is_never_a_run_folder(inv_data, inv_templates, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(inv_templates / "finished", runs / "a")
+    before = _snapshot(runs / "a")
+    for flags in (["--force"], ["--resume"], ["--bench", 1]):
+        code, _, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 2, "--out", runs, *flags)
+        assert code == 2 and "not a run folder of this repository" in err and "a" in err
+    assert sorted(os.listdir(runs)) == ["a"] and _snapshot(runs / "a") == before
+    (tmp_path / "f").write_text("mine")
+    for flags in ([], ["--bench", 1]):
+        code, _, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--out", tmp_path / "f", *flags)
+        assert code == 2 and "is a file, not a folder" in err
+        _assert_one_line(err)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+# ---- nothing stale or partial
+
+KILL_SCRIPT = """
+import os, signal, sys
+import common
+import baseline
+k, calls = int(sys.argv[1]), [0]
+real = common._open_temp
+def dying(fd):  # the k-th write of the run: half of it reaches the disk, then the process is killed
+    calls[0] += 1
+    f = real(fd)
+    if calls[0] == k:
+        f.write(b"half")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f
+common._open_temp = dying
+sys.argv = ['baseline.py', *sys.argv[2:]]
+baseline.main()
+"""
+
+
+def _killed_at_write(k, *argv):
+    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(k), *map(str, argv)], cwd=HERE, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+
+
+@pytest.fixture(scope="module")
+def inv_uninterrupted(inv_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inv_ref") / "r"
+    run_main("baseline", *INV, "--data-dir", inv_data, "--epochs", 2, "--out", out)
+    return _weights(out)
+
+
+# the writes of a 2-epoch run: run.json, checkpoint 1, log.csv 1, checkpoint 2, log.csv 2, final.json
+@pytest.mark.parametrize("k", range(1, 7))
+def test_invariant_killed_at_each_write_leaves_a_whole_folder_and_resume_ends_identical(
+        k, inv_data, inv_uninterrupted, tmp_path, capsys):
+    out = tmp_path / "r"
+    p = _killed_at_write(k, *INV, "--data-dir", inv_data, "--epochs", 2, "--out", out)
+    assert p.returncode == -9, p.stderr
+    temps = [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert len(temps) == 1, os.listdir(out)  # the killed writer's, next to whole files only
+    for n in os.listdir(out):
+        if n.endswith(".json"):
+            json.load(open(out / n))
+    if (out / "checkpoint.pt").exists():  # the log never runs ahead of the checkpoint
+        rows = len(read_log(out)) if (out / "log.csv").exists() else 0
+        assert rows <= common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"]
+    code, stdout, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 2, "--out", out,
+                              "--resume")
+    assert code == 0, stdout + err
+    _assert_consistent(out)
+    w = _weights(out)
+    assert all(torch.equal(w[n], inv_uninterrupted[n]) for n in w)
+
+
+def test_invariant_an_extension_killed_midway_is_not_shown_finished(inv_data, inv_templates, tmp_path, capsys):
+    out = tmp_path / "runs" / "r"
+    shutil.copytree(inv_templates / "finished", out)
+    p = _killed_at_write(2, *INV, "--data-dir", inv_data, "--epochs", 3, "--out", out, "--resume")  # 2: checkpoint
+    assert p.returncode == -9, p.stdout + p.stderr
+    assert not (out / "final.json").exists()
+    assert json.load(open(out / "final-2-epochs.json"))["epochs"] == 2  # the record kept, under another name
+    assert common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 2
+    done, unfinished = summarize.read_runs(str(out.parent))
+    assert not done and unfinished[0]["epochs"] == 3 and unfinished[0]["state"] == "stopped"
+    code, stdout, _ = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 3, "--out", out, "--resume")
+    assert code == 0 and read_final(out)["epochs"] == 3
+    _assert_consistent(out)
+
+
+class _FullDisk(io.RawIOBase):
+    """A temp file on a disk that fills after its first 10 bytes."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.n = f, 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        b = bytes(b)
+        if self.n + len(b) > 10:
+            self.f.write(b[:10 - self.n])
+            self.n = 10
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.n += len(b)
+        return self.f.write(b)
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _disk_fills_at(monkeypatch, target, nth):
+    """The nth write of `target` (through atomic_write, torch.save included) meets a full disk."""
+    real, seen = common._open_temp, {"n": 0}
+
+    def open_temp(fd):
+        f = real(fd)
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".tmp-{target}-"):
+            seen["n"] += 1
+            if seen["n"] == nth:
+                return _FullDisk(f)
+        return f
+    monkeypatch.setattr(common, "_open_temp", open_temp)
+
+
+# (file, which of its writes, exit code, epochs in the checkpoint after it, rows in log.csv after it)
+@pytest.mark.parametrize("target,nth,code,kept,rows", [
+    ("run.json", 1, 2, None, None), ("checkpoint.pt", 1, 4, None, None), ("log.csv", 1, 4, 1, None),
+    ("checkpoint.pt", 2, 4, 1, 1), ("log.csv", 2, 4, 2, 1), ("final.json", 1, 4, 2, 2), ("bench.json", 1, 2, None, None)])
+def test_invariant_a_full_disk_at_any_write_leaves_no_partial_file(target, nth, code, kept, rows, inv_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    out = tmp_path / "r"
+    args = [*INV, "--data-dir", inv_data, "--epochs", 2, "--out", out]
+    _disk_fills_at(monkeypatch, target, nth)
+    got, stdout, err = _call(capsys, "baseline", *args, *(["--bench", 1] if target == "bench.json" else []))
+    assert got == code and "disk full while writing" in err and target in err and "MiB free" in err, stdout + err
+    _assert_one_line(err)
+    monkeypatch.undo()
+    if kept is None:  # no checkpoint: what the start made is removed
+        assert not out.exists() and "removed" in err
+        return
+    assert sorted(n for n in os.listdir(out) if n.startswith(".tmp-")) == []
+    assert all(os.path.getsize(out / n) > 0 for n in os.listdir(out) if n != ".lock")
+    assert common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == kept and not (out / "final.json").exists()
+    assert (len(read_log(out)) if (out / "log.csv").exists() else None) == rows  # whole rows, or no file
+    got, stdout, err = _call(capsys, "baseline", *args, "--resume")
+    assert got == 0 and read_final(out)["epochs"] == 2, stdout + err
+    _assert_consistent(out)
+
+
+# ---- every way a run ends: one true line, its own exit code
+
+def _signal_at(monkeypatch, moment, signum):
+    """Send `signum` to this process at a moment of a 2-epoch baseline run (2 steps per epoch)."""
+    import baseline
+    send = lambda: os.kill(os.getpid(), signum)
+    if moment == "startup":
+        real_load = common.load_cifar
+        monkeypatch.setattr(common, "load_cifar", lambda *a: (send(), real_load(*a))[1])
+        return
+    if moment == "final":  # evaluations 1 and 2 test the epochs; the 3rd is the final training top-1
+        real_eval, n = common.evaluate, {"calls": 0}
+
+        def evaluate(*a, **k):
+            n["calls"] += 1
+            if n["calls"] == 3:
+                send()
+            return real_eval(*a, **k)
+        monkeypatch.setattr(common, "evaluate", evaluate)
+        return
+    real, n = baseline.Baseline.forward, {"steps": 0}
+    at = {"epoch1": 1, "epoch2": 3, "again": 3}[moment]
+
+    def forward(self, *a):
+        n["steps"] += 1
+        if n["steps"] == at:
+            send()
+            if moment == "again":
+                send()
+        return real(self, *a)
+    monkeypatch.setattr(baseline.Baseline, "forward", forward)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("moment", ["startup", "epoch1", "epoch2", "again", "final"])
+def test_invariant_every_stop_is_one_true_line_with_the_signals_exit_code(moment, signame, inv_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    signum = getattr(signal, signame)
+    name = "Ctrl-C" if signame == "SIGINT" else signame
+    out = tmp_path / "r"
+    args = [*INV, "--data-dir", inv_data, "--epochs", 2, "--out", out]
+    _signal_at(monkeypatch, moment, signum)
+    old = signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+    try:  # run() answers a signal left at its default (one inherited as ignored, e.g. under nohup, stays so)
+        code, stdout, err = _call(capsys, "baseline", *args)
+    finally:
+        signal.signal(signum, old)
+    monkeypatch.undo()
+    assert code == 128 + signum and "Traceback" not in err, stdout + err
+    last = stdout.strip().splitlines()[-1]
+    if moment == "startup":
+        assert last == f"stopped ({name}) during start-up: nothing was written" and not out.exists()
+        return
+    if moment == "epoch1":
+        assert last == f"stopped in epoch 1 ({name}): there is no checkpoint (nothing was kept: {out} removed): " \
+                       f"the next start begins at epoch 1" and not out.exists()
+        return
+    if moment == "epoch2":
+        assert last == f"stopped in epoch 2 ({name}): the checkpoint of epoch 1 is kept in {out}: --resume continues from it"
+    elif moment == "again":
+        assert last == f"stopped at once (second {name}): the checkpoint of epoch 1 is kept in {out}: --resume continues from it"
+    else:
+        assert last.startswith(f"stopped ({name}) during the final evaluation: final.json was not written; "
+                               f"the checkpoint of epoch 2 (the last) is kept")
+    assert not (out / "final.json").exists()
+    kept = common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"]
+    assert kept == (2 if moment == "final" else 1) and len(read_log(out)) == kept
+    assert summarize.read_runs(str(tmp_path))[1][0]["state"] == "stopped"  # not finished, not running
+    code, stdout, err = _call(capsys, "baseline", *args, "--resume")
+    assert code == 0 and f"from the checkpoint of epoch {kept}" in stdout and read_final(out)["epochs"] == 2
+    _assert_consistent(out)
+
+
+STARTUP_CTRL_C = """
+import importlib.abc, os, runpy, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):  # Ctrl-C while common.py imports numpy (torch follows)
+    def find_spec(self, name, path, target=None):
+        if name == "numpy":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ['baseline.py', '--out', sys.argv[1]]
+runpy.run_path(os.path.join(os.getcwd(), 'baseline.py'), run_name='__main__')
+"""
+
+
+def test_invariant_ctrl_c_while_importing_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-c", STARTUP_CTRL_C, str(tmp_path / "r")], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 130 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr.strip() == "stopped (Ctrl-C) during start-up: no run folder was touched"
+    assert not (tmp_path / "r").exists()
+
+
+def test_invariant_ddp_sigterm_to_the_launcher_stops_every_process_after_one_step(inv_data, tmp_path):
+    """SIGTERM to the launcher of --gpus 0,1 (as a scheduler's kill of the job's main process): passed on,
+    both processes stop after the same step, the last checkpoint is kept, exit code 143."""
+    import time
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "baseline.py"),
+                          *map(str, [*INV, "--gpus", "0,1", "--data-dir", inv_data, "--epochs", 1000, "--out", out])],
+                         cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        stdout, err = p.communicate(timeout=240)
+    finally:
+        p.kill()
+    assert p.returncode == 143, stdout + err
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("stopped in epoch ") and "(SIGTERM): the checkpoint of epoch" in last, stdout + err
+    kept = common.load_checkpoint(str(out / "checkpoint.pt"))["epoch"]
+    assert kept >= 1 and len(read_log(out)) == kept and not (out / "final.json").exists()
+    assert "Traceback" not in err
+
+
+def test_invariant_a_killed_ddp_process_ends_every_process_with_one_line(inv_data, tmp_path):
+    out = tmp_path / "r"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "baseline.py"),
+                        *map(str, [*INV, "--gpus", "0,1", "--data-dir", inv_data, "--epochs", 2, "--out", out])], cwd=HERE,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OKD_FAIL_RANK": "1:kill"})
+    assert p.returncode == 5, p.stdout + p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "training process 1 of 2" in lines[0] and "was killed by SIGKILL" in lines[0]
+    assert "every process was stopped" in lines[0] and "Traceback" not in p.stderr
+    assert not out.exists()  # no checkpoint: the start was undone
+
+
+# ---- every refusal: one line that says what to change, before anything is written
+
+def _one_class(root):
+    fake_cifar(root, n_train=64, n_test=32)
+    path = os.path.join(root, "cifar-100-python", "train")
+    d = pickle.load(open(path, "rb"))
+    d["fine_labels"] = [3] * len(d["fine_labels"])
+    pickle.dump(d, open(path, "wb"))
+    return str(root)
+
+
+def _empty_test_set(root):
+    fake_cifar(root, n_train=64, n_test=32)
+    pickle.dump({"data": np.zeros((0, 3072), np.uint8), "fine_labels": []},
+                open(os.path.join(root, "cifar-100-python", "test"), "wb"))
+    return str(root)
+
+
+@pytest.mark.parametrize("script,argv,msg", [
+    ("baseline", ["--gpus", "0,0"], "GPU 0 given twice"),
+    ("baseline", ["--gpus", ""], "expected GPU indices"),
+    ("baseline", ["--out", ""], "argument --out: '' is no folder"),
+    ("baseline", ["--cosine", "--schedule", "1"], "--schedule 1 and --cosine contradict"),
+    ("mcl", ["--recipe", "paper", "--epochs", "2", "--schedule", "1"], "--recipe paper (the recipe of mcl decays by cosine)"),
+    ("baseline", ["--seed", str(2 ** 32)], "argument --seed: 4294967296 must lie in [0, 4294967295]"),
+    ("baseline", ["--seed", "-1"], "argument --seed: -1 must lie in"),
+    ("one", ["--batch-size", "1"], "one cannot train on a batch of 1 image(s) per process (it needs 2: its gate"),
+    ("one", ["--batch-size", "21"], "the last batch of each epoch holds 1 of the 64 training images"),
+    ("kdcl", ["--variant", "general", "--val-size", "63"], "a holdout of 63 images leaves 1 of the 64 training images"),
+    ("baseline", ["--gpus", "0,1", "--batch-size", "31"], "--batch-size 31 is not divisible by the 2 processes"),
+    ("mcl", ["--nce-k", "100000000"], "MCL's memory banks (4 x 64 x 128 floats) and a step's NCE scores"),
+    ("mcl", ["--data-dir", "ONE_CLASS"], "at least two classes"),
+    ("baseline", ["--data-dir", "EMPTY_TEST"], "the test split of"),
+])
+def test_invariant_every_refusal_is_one_line_before_anything_is_written(script, argv, msg, inv_data, tmp_path,
+                                                                        capsys, monkeypatch):
+    out = tmp_path / "never"
+    data = {"ONE_CLASS": lambda: _one_class(tmp_path / "one"), "EMPTY_TEST": lambda: _empty_test_set(tmp_path / "e")}
+    argv = [data[a]() if a in data else a for a in argv]
+    if "--gpus" in argv and argv[argv.index("--gpus") + 1] == "0,1":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # two CPU processes
+    base = [*INV, "--epochs", 2] if "--data-dir" in argv else [*INV, "--epochs", 2, "--data-dir", inv_data]
+    code, stdout, err = _call(capsys, script, *base, "--out", out, *argv)
+    err = "\n".join(ln for ln in err.splitlines() if not ln.startswith("warning: CUDA is not available"))
+    assert code == 2 and msg in err, stdout + err
+    _assert_one_line(err)
+    assert not out.exists()
+
+
+def test_invariant_os_errors_on_the_run_folder_are_one_line(inv_data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--out", tmp_path / "file" / "r")
+    assert code == 2 and "cannot create the run folder" in err and "Not a directory" in err
+    _assert_one_line(err)
+
+    def read_only(*a, **k):  # a read-only file system: the first write of the start fails
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "ro"
+    code, _, err = _call(capsys, "baseline", *INV, "--data-dir", inv_data, "--epochs", 1, "--out", out)
+    monkeypatch.undo()
+    assert code == 2 and "cannot write" in err and "Read-only file system" in err and "removed" in err
+    _assert_one_line(err)
+    assert not out.exists()
+
+
+# ---- --resume continues the same experiment
+
+def test_invariant_resume_on_other_data_is_refused_naming_the_difference(inv_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    run_main("baseline", *INV, "--data-dir", inv_data, "--epochs", 2, "--out", out, "--halt-after", 1)
+    before = _snapshot(out)
+    other = fake_cifar(tmp_path / "other", n_train=96, n_test=32)
+    code, _, err = _call(capsys, "baseline", "--out", out, "--resume", "--data-dir", other)
+    assert code == 2 and "was trained on other data: train_images 64 (checkpoint) vs 96 (now)" in err, err
+    assert "labels_sha256" in err and "--data-dir" in err
+    _assert_one_line(err)
+    assert _snapshot(out) == before
+    os.remove(out / "checkpoint.pt")  # stopped in its first epoch: run.json holds the identity
+    code, _, err = _call(capsys, "baseline", "--out", out, "--resume", "--data-dir", other)
+    assert code == 2 and "train_images 64 (run.json) vs 96 (now)" in err
+
+
+def test_invariant_teacher_of_another_dataset_normalisation_or_padding_is_named(inv_data, tmp_path, capsys):
+    args = argparse.Namespace(dataset="cifar100", norm="dataset", padding="zeros", image_size=None)
+    t = {"arch": "resnet8", "dataset": "cifar100", "norm": "dataset", "padding": "zeros"}
+    assert common.check_teacher("t.pt", t, args) == []
+    with pytest.raises(ValueError, match="trained on cifar10, this run is on cifar100"):
+        common.check_teacher("t.pt", {**t, "dataset": "cifar10"}, args)
+    with pytest.raises(ValueError, match=r"trained with --norm cifar10 .*this run normalises with --norm dataset"):
+        common.check_teacher("t.pt", {**t, "norm": "cifar10"}, args)
+    assert common.check_teacher("t.pt", {**t, "norm": "cifar10"}, argparse.Namespace(**{**vars(args), "norm": "cifar10"})) == []
+    [w] = common.check_teacher("t.pt", {**t, "padding": "reflect"}, args)
+    assert "--padding reflect" in w and "--padding zeros" in w
+    [w] = common.check_teacher("t.pt", t, args, {"train_images": 512, "labels_sha256": "a"},
+                               {"train_images": 50000, "labels_sha256": "b"})
+    assert "other cifar100 training data" in w and "train_images 512 vs 50000 now" in w
+    path = tmp_path / "t.pt"  # sokd.py: refused in one line, before anything is written
+    _sokd_teacher(path, "resnet8")
+    ck = torch.load(path, weights_only=True)
+    ck["args"]["norm"] = "cifar10-legacy"
+    torch.save(ck, path)
+    out = tmp_path / "never"
+    code, _, err = _call(capsys, "sokd", *INV, "--data-dir", inv_data, "--teacher", path, "--out", out)
+    assert code == 2 and "--norm cifar10-legacy" in err and "pass --norm cifar10-legacy" in err
+    _assert_one_line(err)
+    assert not out.exists()
+    ck["args"]["norm"], ck["args"]["padding"] = "dataset", "reflect"
+    torch.save(ck, path)
+    code, _, err = _call(capsys, "sokd", *INV, "--data-dir", inv_data, "--teacher", path, "--out", out,
+                         "--bench", 1)
+    assert code == 0 and "warning: teacher" in err and "--padding reflect" in err
