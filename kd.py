@@ -39,12 +39,12 @@ an offline method's cost is the teacher's training plus the student's.
     python kd.py --arch resnet8x4 --teacher runs/baseline-resnet32x4-cifar100-s0/checkpoint.pt
 """
 import os
+import sys
 
+import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 
 def kd(student, teacher, T):
@@ -70,11 +70,12 @@ def _train_teacher_hint(arch, dataset):
     return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
 
 
-def load_teacher(path, arch, dataset, num_classes, default_arch="resnet110"):
+def load_teacher(path, arch, dataset, num_classes, default_arch="resnet110", args=None):
     """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
     Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
     missing or unreadable, or holds another architecture (arch=None: any), dataset or class count.
-    default_arch: the teacher named in the hint when arch is None."""
+    default_arch: the teacher named in the hint when arch is None. With the run's args, also another
+    normalisation is refused and another padding warned about (common.check_teacher)."""
     try:
         ck = common.load_checkpoint(path, "teacher checkpoint")
     except (FileNotFoundError, RuntimeError) as e:
@@ -91,6 +92,9 @@ def load_teacher(path, arch, dataset, num_classes, default_arch="resnet110"):
         raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
                          f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
                          + _train_teacher_hint(arch or t_arch, dataset))
+    if args is not None:
+        for w in common.check_teacher(path, meta, args, ck.get("data")):
+            print(f"warning: {w}", file=sys.stderr)
     net = common.build_model(t_arch, num_classes)
     try:
         net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
@@ -179,7 +183,7 @@ def main():
     else:  # checked here, before common.run creates the run folder
         try:
             args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.dataset_info(args)[0], default or "resnet110")
+                                                      common.dataset_info(args)[0], default or "resnet110", args)
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

@@ -5191,18 +5191,19 @@ def test_invariant_teacher_of_another_dataset_normalisation_or_padding_is_named(
     [w] = common.check_teacher("t.pt", t, args, {"train_images": 512, "labels_sha256": "a"},
                                {"train_images": 50000, "labels_sha256": "b"})
     assert "other cifar100 training data" in w and "train_images 512 vs 50000 now" in w
-    path = tmp_path / "t.pt"  # sokd.py: refused in one line, before anything is written
-    _sokd_teacher(path, "resnet8")
-    ck = torch.load(path, weights_only=True)
-    ck["args"]["norm"] = "cifar10-legacy"
-    torch.save(ck, path)
-    out = tmp_path / "never"
-    code, _, err = _call(capsys, "sokd", *INV, "--data-dir", inv_data, "--teacher", path, "--out", out)
-    assert code == 2 and "--norm cifar10-legacy" in err and "pass --norm cifar10-legacy" in err
-    _assert_one_line(err)
-    assert not out.exists()
-    ck["args"]["norm"], ck["args"]["padding"] = "dataset", "reflect"
-    torch.save(ck, path)
-    code, _, err = _call(capsys, "sokd", *INV, "--data-dir", inv_data, "--teacher", path, "--out", out,
-                         "--bench", 1)
-    assert code == 0 and "warning: teacher" in err and "--padding reflect" in err
+    for script in ("sokd", "kd", "reviewkd"):  # every script that loads a teacher: refused in one line, before
+        path = tmp_path / f"{script}-t.pt"      # anything is written
+        _sokd_teacher(path, "resnet8")
+        ck = torch.load(path, weights_only=True)
+        ck["args"]["norm"] = "cifar10-legacy"
+        torch.save(ck, path)
+        out = tmp_path / f"{script}-never"
+        code, _, err = _call(capsys, script, *INV, "--data-dir", inv_data, "--teacher", path, "--out", out)
+        assert code == 2 and "--norm cifar10-legacy" in err and "pass --norm cifar10-legacy" in err, script
+        _assert_one_line(err)
+        assert not out.exists()
+        ck["args"]["norm"], ck["args"]["padding"] = "dataset", "reflect"
+        torch.save(ck, path)
+        code, _, err = _call(capsys, script, *INV, "--data-dir", inv_data, "--teacher", path, "--out", out,
+                             "--bench", 1)
+        assert code == 0 and "warning: teacher" in err and "--padding reflect" in err, script
