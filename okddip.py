@@ -69,14 +69,17 @@ def kd(student, teacher, T):
 
 def attention(q, k):
     """alpha_ab = softmax over b of q_a . k_b: how much peer a listens to peer b, itself included; no
-    1/sqrt(d) scaling (official). q, k: (B, m, d) -> (B, m, m), every row sums to 1."""
-    return (q @ k.transpose(1, 2)).softmax(-1)
+    1/sqrt(d) scaling (official). q, k: (B, m, d) -> (B, m, m), every row sums to 1. In fp32 under autocast."""
+    with torch.autocast(q.device.type, enabled=False):  # a matmul under autocast would run in bf16
+        return (q.float() @ k.float().transpose(1, 2)).softmax(-1)
 
 
 def peer_targets(logits, alpha):
     """t_a = sum_b alpha_ab z_b, peer a's target. logits: m x (B, C); alpha: (B, m, m) -> (B, m, C).
-    The peer logits are detached: a target never trains the peers it is made of; alpha keeps its graph."""
-    return alpha @ torch.stack(logits, 1).detach()
+    The peer logits are detached: a target never trains the peers it is made of; alpha keeps its graph.
+    In fp32 under autocast."""
+    with torch.autocast(alpha.device.type, enabled=False):  # a matmul under autocast would run in bf16
+        return alpha.float() @ torch.stack(logits, 1).detach().float()
 
 
 def okddip_loss(logits, leader, alpha, y, T, w):
@@ -107,7 +110,8 @@ class OKDDip(nn.Module):
     def attention_weights(self, feats):
         """alpha from the peers' pooled features, read detached: the attention trains W_q, W_k only."""
         f = torch.stack(feats, 1).detach()  # (B, m, C)
-        return attention(self.query(f).float(), self.key(f).float())
+        with torch.autocast(f.device.type, enabled=False):  # the projections in fp32 too, as the attention
+            return attention(self.query(f.float()), self.key(f.float()))
 
     def forward(self, x, y, idx, epoch):
         h = self.trunk(x)
