@@ -459,9 +459,14 @@ def part_bench(c, deadline):
     c.bench, c.concurrency = res, conc
 
     md = c.md["bench"]
-    md += [f"{c.arch}, CIFAR-100 shapes (100 classes, 32x32), batch {c.batch}, --gpus {c.gpus}, --bench "
+    benches = [j["bench"] for j in jobs if j.get("bench")]
+    amp = any(b.get("amp") for b in benches)
+    on_cpu = any(b.get("device") == "cpu" for b in benches)
+    peak = "peak RSS MiB" if on_cpu else "peak MiB"
+    md += [f"{c.arch}, CIFAR-100 shapes (100 classes, 32x32), batch {c.batch}, "
+           f"{benches[0]['device'] if benches else '--gpus ' + c.gpus}, --bench "
            f"{a.bench_steps} (ms/step: the loop's path, drawing and augmenting each batch on the device), "
-           f"{'bf16 autocast' if not a.tiny else 'fp32 (the CPU default)'}; "
+           f"{'bf16 autocast' if amp else 'fp32'}; "
            f"projection: ms/step x {PROTOCOL_STEPS:,} steps (300 epochs), evaluation and checkpoints not counted. "
            f"All {len(jobs)} processes warmed up side by side ({warmed:.0f} s; the compiled ones compiling in "
            f"parallel, {threads} compile thread(s) each), then each was timed alone."
@@ -478,9 +483,8 @@ def part_bench(c, deadline):
                 row += [r.get("status", "-"), "", "", "", ""]
         row.append((res[m].get("compile") or {}).get("warmup_s"))
         rows.append(row)
-    md += table(["method", "eager ms/step", "img/s", "x baseline", "peak MiB" if not a.tiny else "peak RSS MiB", "300 ep (h)",
-                 "compiled ms/step", "img/s", "x compiled baseline", "peak MiB" if not a.tiny else "peak RSS MiB",
-                 "300 ep (h)", "warm-up incl. compile (s)"], rows)
+    md += table(["method", "eager ms/step", "img/s", "x baseline", peak, "300 ep (h)", "compiled ms/step", "img/s",
+                 "x compiled baseline", peak, "300 ep (h)", "warm-up incl. compile (s), side by side"], rows)
     md += ["", f"Several runs at once: k copies of `{a.concurrency_method}` (eager) timed together; speedup = k x "
                f"(ms/step alone) / (ms/step of each of the k).", "",
            *table(["k", "ms/step (each)", "speedup"], [[k, v["ms_per_step"], v["speedup"]] for k, v in conc.items()])]
@@ -576,7 +580,7 @@ def plan_real(c, seconds, n_train, n_test, mode):
         while E < c.a.max_epochs and span(E + 1) <= seconds:
             E += 1
         if E > best[0]:
-            best = (E, k, f"{E} epochs of every method, {k} at once (each run slowed x{slow:.2f}, as measured), "
+            best = (E, k, f"{E} epoch(s) of every method, {k} at once (each run slowed x{slow:.2f}, as measured), "
                           f"estimated {span(E):.0f} s of the {seconds:.0f} s planned for")
     E, k, est = best
     return E, k, est or "one epoch of every method does not fit in the time left"
@@ -694,7 +698,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default=None, help="output folder (default runs/gpu_check, --tiny: runs/gpu_check-tiny)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 540; --tiny 300)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 540; --tiny 600)")
     p.add_argument("--tiny", action="store_true", help="rehearse every part on the CPU in a minute or two")
     p.add_argument("--cifar100-pack", default=None, metavar="PACK", help="the CIFAR-100 pack folder (MANIFEST.json, ...), "
                    "unpacked into the work folder in the background")
@@ -712,7 +716,7 @@ def main(argv=None):
     p.add_argument("--work", default=None, help="scratch folder: unpacked data, bench and run folders (default: a new temp folder)")
     a = p.parse_args(argv)
     a.out = a.out or os.path.join("runs", "gpu_check-tiny" if a.tiny else "gpu_check")
-    a.budget = a.budget or (300.0 if a.tiny else 540.0)
+    a.budget = a.budget or (600.0 if a.tiny else 540.0)
     a.bench_steps = a.bench_steps or (2 if a.tiny else 30)
     a.concurrency = [int(k) for k in (a.concurrency or ("2" if a.tiny else "2,4,8")).split(",")]
     a.concurrency_method = a.concurrency_method or ("baseline" if a.tiny else "dml")

@@ -3668,8 +3668,8 @@ def test_gpu_check_tiny_rehearses_every_part_and_a_part_out_of_time_is_marked(tm
     import gpu_check
     out = tmp_path / "gc"
     r = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--tiny", "--out", str(out),
-                        "--work", str(tmp_path / "work"), "--limit", "tests=0.1"],
-                       cwd=HERE, capture_output=True, text=True, timeout=900, env=cpu_env())
+                        "--work", str(tmp_path / "work"), "--limit", "tests=0.1", "--budget", "1200"],
+                       cwd=HERE, capture_output=True, text=True, timeout=1800, env=cpu_env())
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]  # 1: not every part is ok
     assert str((out / "summary.md").resolve()) in r.stdout  # where the outputs are
     s = json.loads((out / "summary.json").read_text())
