@@ -836,8 +836,20 @@ def run_fraction(args, n_train):
     return args.epochs * math.ceil(n_train / args.batch_size) / ref
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never under --compile's trace
+
+
 def ramp_up(epoch, length=80):
-    """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0."""
+    """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0.
+    Under --compile it is computed outside the graph and enters it as an input: a value traced into the
+    graph would be a constant guarded on, a recompilation every epoch of the ramp, and after 8 of them
+    (dynamo's recompile limit) the rest of the run in eager mode."""
+    if _is_compiling():
+        return torch.compiler.disable(_ramp_up)(epoch, length)
+    return _ramp_up(epoch, length)
+
+
+def _ramp_up(epoch, length):
     if length == 0:
         return 1.0
     t = min(epoch, length) / length
@@ -888,7 +900,8 @@ def parser(description):
     add_arg(p, "--resume", action="store_true", help="continue the run in the run folder with its stored settings "
             "(start it when there is none; a finished run is left as it is)")
     add_arg(p, "--force", action="store_true", help="start over in an existing run folder (its run files are removed)")
-    add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    add_arg(p, "--amp", action="store_true", help="bf16 autocast on the CPU too (on CUDA it is on by default)")
+    add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA (fp32 throughout)")
     add_arg(p, "--compile", action="store_true", help="torch.compile the model")
     add_arg(p, "--bench", type=int, default=0, metavar="N", check="nonneg", help="time N steps on synthetic data, write bench.json")
     add_arg(p, "--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop as if killed
@@ -902,11 +915,11 @@ MARKER = {"made_by": "online-kd common.py", "run_format": 1}
 
 # options that may change between a run and its --resume; every other option must match (and the marker's
 # keys, records rather than options, which summarize.py therefore never counts as settings)
-RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "no_amp", "bench", "halt_after", "workers",
-               "eval_every", *MARKER}
+RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "amp", "no_amp", "bench", "halt_after",
+               "workers", "eval_every", *MARKER}
 
 # run-control options a bare `--resume` takes from the stored run when they are not given
-INHERITED = {"data_dir", "gpus", "workers", "compile", "no_amp", "eval_every"}
+INHERITED = {"data_dir", "gpus", "workers", "compile", "amp", "no_amp", "eval_every"}
 
 # the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
 # --schedule left out: the protocol's milestones at the same fractions of --epochs (150/300, 225/300).
@@ -1044,6 +1057,8 @@ def parse(p, method, argv=None, paper=None):
     args.method = method
     if args.resume and args.force:
         p.error("--resume continues a run and --force starts it over: give one of them")
+    if args.amp and args.no_amp:
+        p.error("--amp turns bf16 autocast on (on the CPU too) and --no-amp turns it off: give one of them")
     if args.out is not None and not args.out.strip():
         p.error(f"argument --out: {args.out!r} is no folder; give one, or leave --out out for "
                 f"runs/<method>-<arch>-<dataset>-s<seed>")
@@ -1954,7 +1969,7 @@ def _set_lr(opt, args, epoch):
 
 def _worker(rank, world, args, Method, out, data):
     device = args.devices[rank % len(args.devices)] if "LOCAL_RANK" not in os.environ else \
-        (f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+        (f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() and args.devices[0] != "cpu" else "cpu")
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(device)
@@ -1993,9 +2008,15 @@ def _resume_checkpoint(args, path, rank, world):
     return box[0]
 
 
+def use_amp(args, device):
+    """bf16 autocast: on CUDA unless --no-amp; on the CPU only with --amp (off by default there, so that a
+    CPU run is plain fp32). One autocast path on every device: torch.autocast(device type, bfloat16)."""
+    return not args.no_amp and (device.startswith("cuda") or getattr(args, "amp", False))
+
+
 def _train(rank, world, args, Method, out, data, device):
     cuda = device.startswith("cuda")
-    amp = cuda and not args.no_amp
+    amp = use_amp(args, device)
     num_classes, mean, std = dataset_info(args)
     torch.manual_seed(args.seed)
     # channels_last on every device: faster convolutions on GPUs, and on CPUs too (resnet32 training
@@ -2042,7 +2063,8 @@ def _train(rank, world, args, Method, out, data, device):
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    step_model = torch.compile(ddp) if args.compile else ddp
+    # OKD_COMPILE_BACKEND (rehearsals only, e.g. gpu_check.py --tiny: "eager" traces without inductor's codegen)
+    step_model = torch.compile(ddp, backend=os.environ.get("OKD_COMPILE_BACKEND", "inductor")) if args.compile else ddp
     if args.bench:
         return _bench(args, model, step_model, opts, train_data, device, amp, out)
 
@@ -2157,9 +2179,9 @@ def _train(rank, world, args, Method, out, data, device):
 
 def train_step(model, step_model, opts, x, y, idx, epoch, amp):
     """One optimizer step (of each optimizer in `opts`, one backward pass). Returns the term names and
-    their values as one device tensor (no host sync)."""
+    their values as one device tensor (no host sync). amp: bf16 autocast on the batch's device type."""
     opts = opts if isinstance(opts, (list, tuple)) else [opts]
-    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+    with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
         loss, terms = step_model(x, y, idx, epoch)
     for opt in opts:
         opt.zero_grad(set_to_none=True)
@@ -2219,7 +2241,7 @@ def evaluate(model, data, amp, world=1):
     model.eval()
     correct, n = None, 0
     for x, y, _ in data.epoch():
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
             heads = model.heads(x)
         hits = torch.stack([(z.argmax(1) == y).sum() for z in heads.values()])
         correct = hits if correct is None else correct + hits
@@ -2382,8 +2404,17 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
         return time.perf_counter() - t0
 
     it = batches()
+    t0 = time.perf_counter()
     bare_steps(3, it)  # warm-up (cudnn autotuning, compilation)
     loop_steps(3, it)
+    if cuda:
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
+    ready, go = os.environ.get("OKD_BENCH_READY"), os.environ.get("OKD_BENCH_GO")
+    if ready and go:  # gpu_check.py: benches warm up (compile) side by side, then each is timed when told to
+        open(ready, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.02)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # the two paths alternate in chunks, so that drift of a shared machine's speed hits both alike
@@ -2401,7 +2432,8 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
            "loop_over_bare": round(dt_bare / dt, 3),
            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp, "compile": args.compile,
+           "warmup_seconds": round(warmup, 2)}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     atomic_json(res, os.path.join(out, "bench.json"))

@@ -91,8 +91,8 @@ def nce_loss(memory, emb, idx, neg, T, eps=1e-7):
         total = 0.0
         for a in range(nb):
             bank = memory[a][rows]                              # (B, 1 + K, D); a buffer: never trained
-            others = [b for b in range(nb) if b != a]
-            e = emb[others].permute(1, 0, 2)                     # (B, nb - 1, D)
+            # every other branch, by slices: indexing with a list would copy it to the device, a host sync
+            e = torch.cat([emb[:a], emb[a + 1:]]).permute(1, 0, 2)  # (B, nb - 1, D)
             # elementwise product + sum, not bmm: on CUDA a matmul may run in TF32, which blurs exp(<.,.>/0.1)
             s = torch.exp((bank[:, :, None] * e[:, None]).sum(-1) / T)  # (B, 1 + K, nb - 1): a column per pair (a, b)
             Z = s.mean((0, 1)).detach() * N                      # detached: a constant estimate of the partition
@@ -151,7 +151,7 @@ class MCL(nn.Module):
         h = self.trunk(x)
         outs = [branch(h, features=True) for branch in self.branches]
         logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
-        with torch.autocast("cuda", enabled=False):  # the embedding in fp32, like the NCE scores it feeds
+        with torch.autocast(h.device.type, enabled=False):  # the embedding in fp32, like the NCE scores it feeds
             emb = torch.stack([F.normalize(head(f.float()), dim=1) for head, (_, f, _) in zip(self.embed, outs)])
         neg = sample_negatives(y, self.nce_k, self.order, self.start, self.count)
         ce = sum(F.cross_entropy(z, y) for z in logits)

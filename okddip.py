@@ -87,14 +87,17 @@ def kd(student, teacher, T):
 
 def attention(q, k):
     """alpha_ab = softmax over b of q_a . k_b: how much peer a listens to peer b, itself included; no
-    1/sqrt(d) scaling (official). q, k: (B, m, d) -> (B, m, m), every row sums to 1."""
-    return (q @ k.transpose(1, 2)).softmax(-1)
+    1/sqrt(d) scaling (official). q, k: (B, m, d) -> (B, m, m), every row sums to 1. In fp32 under autocast."""
+    with torch.autocast(q.device.type, enabled=False):  # a matmul under autocast would run in bf16
+        return (q.float() @ k.float().transpose(1, 2)).softmax(-1)
 
 
 def peer_targets(logits, alpha):
     """t_a = sum_b alpha_ab z_b, peer a's target. logits: m x (B, C); alpha: (B, m, m) -> (B, m, C).
-    Keeps the graph of both (official); okddip_loss passes detached logits under --detach-targets."""
-    return alpha @ torch.stack(logits, 1)
+    Keeps the graph of both (official); okddip_loss passes detached logits under --detach-targets.
+    In fp32 under autocast."""
+    with torch.autocast(alpha.device.type, enabled=False):  # a matmul under autocast would run in bf16
+        return alpha.float() @ torch.stack(logits, 1).float()
 
 
 EPS = 1e-7  # official utils.KL_Loss: added to the target's probabilities
@@ -142,7 +145,8 @@ class OKDDip(nn.Module):
         (detach 2: the attention then trains W_q, W_k only)."""
         f = torch.stack(feats, 1)  # (B, m, C)
         f = f.detach() if self.detach_targets else f
-        return attention(self.query(f).float(), self.key(f).float())
+        with torch.autocast(f.device.type, enabled=False):  # the projections in fp32 too, as the attention
+            return attention(self.query(f.float()), self.key(f.float()))
 
     def forward(self, x, y, idx, epoch):
         h = self.trunk(x)

@@ -70,10 +70,17 @@ def run_main(script, *argv):
         sys.argv = old
 
 
-def run_cli(script, *argv, timeout=300):
-    """Run `python script.py argv...` in a subprocess; returns CompletedProcess."""
+def cpu_env(**extra):
+    """The environment of a CPU test's subprocess, also on a machine with GPUs: CUDA hidden (so that '--gpus 0,1'
+    means two gloo processes on the CPU, as without CUDA), and this process's thread count (float sums, hence
+    weights, depend on it: a resume in a subprocess must match a run in here), unless `extra` says otherwise."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def run_cli(script, *argv, timeout=300, env=None):
+    """Run `python script.py argv...` in a subprocess (env: cpu_env() unless given); returns CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(HERE, script + ".py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout, cwd=HERE)
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE, env=env or cpu_env())
 
 
 def read_final(out):
@@ -964,7 +971,7 @@ def test_nan_loss_stops_naming_epoch_step_and_term(data, tmp_path, monkeypatch, 
 def test_ddp_rank_failure_ends_every_rank(data, tmp_path):
     import time
     t0 = time.time()
-    env = dict(os.environ, OKD_FAIL_RANK="1")
+    env = cpu_env(OKD_FAIL_RANK="1")
     p = subprocess.run([sys.executable, os.path.join(HERE, "baseline.py"), "--arch", "resnet8", "--gpus", "0,1",
                         "--data-dir", data, "--epochs", "2", "--schedule", "1", "--out", str(tmp_path / "r")],
                        cwd=HERE, capture_output=True, text=True, timeout=180, env=env)
@@ -2299,7 +2306,7 @@ def _torchrun(script, *argv, nproc=2, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            os.path.join(HERE, script + ".py"), *map(str, argv)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=cpu_env(OMP_NUM_THREADS="1"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -5207,3 +5214,439 @@ def test_invariant_teacher_of_another_dataset_normalisation_or_padding_is_named(
         code, _, err = _call(capsys, script, *INV, "--data-dir", inv_data, "--teacher", path, "--out", out,
                              "--bench", 1)
         assert code == 0 and "warning: teacher" in err and "--padding reflect" in err, script
+
+# ------------------------------------------------------------------------------------------------
+# one mixed-precision path on every device; torch.compile; CUDA (skipped, visibly, where there is none)
+# ------------------------------------------------------------------------------------------------
+
+# every method script; a new method is one line here (and one in BUILD if it needs options to build without files)
+METHODS = ["baseline", "dml", "kdcl", "one", "ffl", "pcl", "mcl", "sokd", "cl", "okddip", "ffsd", "oeckd", "kd",
+           "reviewkd"]
+BUILD = {s: ["--teacher-arch", "resnet8", "--teacher", "absent.pt"]  # with --bench: a random teacher
+         for s in ("sokd", "kd", "reviewkd")}
+
+# bf16 autocast against fp32 on the same weights and batch (resnet8 at its initialisation, batch 16, every KD
+# weight ramped up): the loss within 2e-3 of itself, every term within 2e-2 of itself (plus 1e-4 of the loss, for
+# terms near 0). Measured on the CPU over 6 seeds: the loss within 1.8e-4, every term within 4.9e-3 (FFSD's
+# fuse_l; most within 1e-3). bf16 keeps 8 significant bits (2^-9 = 2e-3 per rounding), and the losses themselves
+# are computed in fp32: the margin is ~10x on the loss, ~4x on the worst term. Bounds this wide cannot tell an
+# fp32 island from a bf16 one (OKDDip's attention in bf16 moved its "kd" by 0.1% to 5% depending on the batch):
+# test_fp32_islands_are_computed_exactly_as_without_autocast checks those bit for bit.
+AMP_LOSS_RTOL, AMP_TERM_RTOL, AMP_TERM_ATOL = 2e-3, 2e-2, 1e-4
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def build_method(script, *argv, device="cpu", num_classes=10, n_train=32, seed=0):
+    """(model, args, optimizers, training labels) of a method script as its main() and the loop build them, without
+    a dataset: channels_last on `device`, on_data given n_train random labels, SGD over its param_groups (and its
+    extra optimizer). Options: TINY (resnet8), BUILD's for the script, then argv."""
+    box, real = {}, common.run
+    common.run = lambda args, Method: box.update(args=args, Method=Method)
+    try:
+        run_main(script, *TINY, "--bench", 1, *BUILD.get(script, []), *argv)
+    finally:
+        common.run = real
+    args = box["args"]
+    torch.manual_seed(seed)
+    model = box["Method"](args, num_classes).to(device).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (n_train,), generator=torch.Generator().manual_seed(seed)).to(device)
+    if hasattr(model, "on_data"):
+        model.on_data(labels)
+    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
+    opts = [torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)]
+    if hasattr(model, "extra_optimizer"):
+        opts.append(model.extra_optimizer())
+    return model, args, opts, labels
+
+
+def method_loaders(model, labels, device, batch_size=16, seed=1):
+    """(training Loader, test Loader) on `device` over random uint8 images: the loop's crop, flip, normalisation,
+    channels_last and `views` views."""
+    tx = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    mean, std = common.DATASETS["cifar100"][5:7]
+    kw = dict(mean=mean, std=std, device=device, batch_size=batch_size, channels_last=True)
+    return (common.Loader(tx, labels, train=True, views=getattr(model, "views", 1), seed=seed, **kw),
+            common.Loader(tx, labels, train=False, **kw))
+
+
+def losses_fp32_and_bf16(model, batch, device_type, epoch=299):
+    """[(loss, terms) in fp32, (loss, terms) under bf16 autocast], each from its own copy of the model (BN
+    statistics, banks and stashes untouched) and the same random state (MCL's negatives). Epoch 299: every
+    ramp-up and warm-up at full weight."""
+    out = []
+    for amp in (False, True):
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)
+        with torch.autocast(device_type, torch.bfloat16, enabled=amp):
+            out.append(m(*batch, epoch))
+    return out
+
+
+def assert_bf16_close(fp32, bf16):
+    (l0, t0), (l1, t1) = fp32, bf16
+    dtypes = {k: v.dtype for k, v in {"loss": l1, **t1}.items() if v.dtype != torch.float32}
+    assert not dtypes, f"not fp32 under autocast: {dtypes}"
+    assert torch.isfinite(l1) and all(torch.isfinite(v) for v in t1.values())
+    l0, l1 = float(l0.detach()), float(l1.detach())
+    assert abs(l1 - l0) <= AMP_LOSS_RTOL * abs(l0), (l0, l1)
+    for k in t0:
+        a, b = float(t0[k].detach()), float(t1[k].detach())
+        assert abs(b - a) <= AMP_TERM_RTOL * abs(a) + AMP_TERM_ATOL * abs(l0), (k, a, b)
+
+
+def assert_fp32_state(model):
+    """Every floating tensor of the model's state (weights, BN statistics, PCL's mean teachers, MCL's banks,
+    SOKD's teacher, KDCL's weights) is fp32: autocast never changes what is stored."""
+    bad = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point() and v.dtype != torch.float32}
+    assert not bad, bad
+
+
+def check_amp_step_and_evaluation(script, device):
+    """One method under bf16 autocast on `device`: its loss against fp32, two steps of the loop's train_step
+    (finite fp32 terms), every stored tensor still fp32, and the evaluation of every head."""
+    model, _, opts, labels = build_method(script, device=device)
+    train, test = method_loaders(model, labels, device)
+    batch = next(train.epoch(0))
+    assert_bf16_close(*losses_fp32_and_bf16(model, batch, torch.device(device).type))
+    for x, y, idx in list(train.epoch(1))[:2]:
+        names, vals = common.train_step(model, model, opts, x, y, idx, 299, True)
+        assert vals.dtype == torch.float32 and torch.isfinite(vals).all(), dict(zip(names, vals.tolist()))
+    assert_fp32_state(model)
+    acc = common.evaluate(model, test, True)
+    assert set(acc) == set(model.head_params()) and all(0 <= a <= 100 for a in acc.values()), acc
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_bf16_autocast_on_the_cpu_keeps_losses_and_state_fp32(script):
+    check_amp_step_and_evaluation(script, "cpu")
+
+
+def test_fp32_islands_are_computed_exactly_as_without_autocast():
+    """What the docstrings call "in fp32 under autocast" gives the same bits with and without bf16 autocast:
+    OKDDip's projections, attention and targets, MCL's NCE scores, FFSD's attention maps; MCL's embedding is fp32."""
+    model, *_ = build_method("okddip")
+    g = torch.Generator().manual_seed(0)
+    c = model.leader.fc.in_features
+    feats = [torch.randn(4, c, generator=g).bfloat16() for _ in range(3)]  # pooled features as bf16 branches give them
+    logits = [torch.randn(4, 10, generator=g) for _ in range(3)]
+    with torch.autocast("cpu", torch.bfloat16):
+        alpha = model.attention_weights(feats)
+        t = okddip.peer_targets(logits, alpha)
+    assert alpha.dtype == t.dtype == torch.float32
+    assert torch.equal(alpha, model.attention_weights(feats)) and torch.equal(t, okddip.peer_targets(logits, alpha))
+    mem = F.normalize(torch.randn(4, 32, 16, generator=g), dim=2)
+    emb = F.normalize(torch.randn(4, 8, 16, generator=g), dim=2)
+    idx, neg = torch.arange(8), torch.randint(0, 32, (8, 5), generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        nce = mcl.nce_loss(mem, emb, idx, neg, 0.1)
+    assert nce.dtype == torch.float32 and torch.equal(nce, mcl.nce_loss(mem, emb, idx, neg, 0.1))
+    f = torch.randn(2, 8, 4, 4, generator=g).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        a = ffsd.attention(f)
+    assert a.dtype == torch.float32 and torch.equal(a, ffsd.attention(f.float()))
+    model, _, _, labels = build_method("mcl")
+    x, y, idx = next(method_loaders(model, labels, "cpu")[0].epoch(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x, y, idx, 0)
+    assert model._stash[0].dtype == torch.float32  # the embeddings that scores and bank updates read
+
+
+def test_amp_option_turns_bf16_on_on_the_cpu_and_off_is_the_cpu_default(tmp_path, capsys):
+    small = fake_cifar(tmp_path / "data", n_train=64, n_test=32)
+    args = [*TINY, "--data-dir", small, "--epochs", 1, "--schedule"]
+    run_main("baseline", *args, "--out", tmp_path / "off")
+    assert "device cpu x1, amp off" in capsys.readouterr().out
+    run_main("baseline", *args, "--out", tmp_path / "on", "--amp")
+    assert "device cpu x1, amp bf16" in capsys.readouterr().out
+    fin = read_final(tmp_path / "on")
+    assert fin["args"]["amp"] is True and math.isfinite(float(read_log(tmp_path / "on")[0]["loss"]))
+    assert common.use_amp(argparse.Namespace(amp=False, no_amp=False), "cuda:0")  # CUDA: on unless --no-amp
+    assert not common.use_amp(argparse.Namespace(amp=False, no_amp=True), "cuda:0")
+    with pytest.raises(SystemExit) as e:
+        run_main("baseline", *args, "--out", tmp_path / "never", "--amp", "--no-amp")
+    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
+
+
+def _cxx():
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _compile_counters():
+    """dynamo's counters, cleared: (graphs compiled, graphs that inductor compiled or loaded from its cache)."""
+    from torch._dynamo.utils import counters
+    return lambda: (counters["stats"]["unique_graphs"],
+                    counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"])
+
+
+@pytest.mark.skipif(_cxx() is None, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_compile_end_to_end_on_the_cpu(tmp_path, monkeypatch):
+    """--compile through inductor, the real path (on a cold cache ~40 s of CPU): the run compiles its step,
+    trains, tests and writes final.json; its first epoch's loss equals the eager run's within 1e-4."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile worker processes
+    small = fake_cifar(tmp_path / "data", n_train=64, n_test=32)
+    args = [*TINY, "--batch-size", 32, "--data-dir", small, "--epochs", 1, "--schedule"]
+    run_main("baseline", *args, "--out", tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run_main("baseline", *args, "--out", tmp_path / "compiled", "--compile")
+        graphs, inductor = _compile_counters()()
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1 and inductor >= 1, dict(counters)
+    fin = read_final(tmp_path / "compiled")
+    assert fin["args"]["compile"] is True and set(fin["last"]) == {"net"}
+    a, b = (float(read_log(tmp_path / o)[0]["loss"]) for o in ("eager", "compiled"))
+    assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+@pytest.mark.parametrize("script,ramp", [("one", "--rampup"), ("ffsd", "--warmup")])
+def test_compile_traces_once_not_once_per_epoch_of_a_ramp_up(script, ramp, tmp_path, monkeypatch):
+    """A ramp-up weight traced into the graph would be a constant guarded on: one recompilation per epoch of the
+    ramp, then eager mode after dynamo's 8. common.ramp_up enters the graph as an input instead: no graph is
+    compiled after the second epoch. dynamo only (backend "eager": what recompiles is the same with inductor)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("OKD_COMPILE_BACKEND", "eager")
+    small = fake_cifar(tmp_path / "data", n_train=16, n_test=16)
+    seen, real = [], common._set_lr
+    count = _compile_counters()
+    monkeypatch.setattr(common, "_set_lr", lambda *a: seen.append(count()[0]) or real(*a))  # at each epoch's start
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run_main(script, *TINY, "--batch-size", 16, "--data-dir", small, "--epochs", 5, "--schedule", ramp, 4,
+                 "--compile", "--out", tmp_path / "r")
+        seen.append(count()[0])
+    finally:
+        torch._dynamo.reset()
+    assert seen[0] == 0 and seen[2] == seen[-1] > 0, seen  # graphs before epochs 1..5, then at the end
+
+
+# ---- CUDA: every test below runs where CUDA exists (gpu_check.py runs them) and is skipped elsewhere
+
+@needs_cuda
+@pytest.mark.parametrize("script", METHODS)
+def test_cuda_bf16_step_matches_fp32(script, monkeypatch):
+    """As on the CPU, on CUDA: the loss under bf16 autocast against true fp32 (TF32 off) within the same bounds,
+    two steps of train_step, fp32 state, evaluation of every head."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    check_amp_step_and_evaluation(script, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("script,extra", [(m, []) for m in METHODS] + [("kdcl", ["--variant", "linear"]),
+                                                                        ("kdcl", ["--variant", "naive"]),
+                                                                        ("cl", ["--sharing", "simple"])])
+def test_cuda_training_step_has_no_host_sync(script, extra, tmp_path, monkeypatch):
+    """CUDA's own sync detector (torch.cuda.set_sync_debug_mode("error")) around every training step of --bench
+    after the first two (cudnn autotuning): the loop's step, forward to after_step, never waits for the GPU."""
+    real, calls = common.train_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return real(*a, **k)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    monkeypatch.setattr(common, "train_step", step)
+    run_main(script, *TINY, "--gpus", "0", "--batch-size", 16, "--bench", 4, "--out", tmp_path / "b",
+             *BUILD.get(script, []), *extra)
+    assert calls["n"] == 3 + 3 + 2 * 4  # warm-up: 3 bare + 3 loop steps; then 4 of each, timed
+    assert json.load(open(tmp_path / "b" / "bench.json"))["amp"] is True
+
+
+@needs_cuda
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_cuda_crop_flip_and_normalisation_equal_the_cpus(padding):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dy, dx = torch.randint(0, 9, (64,), generator=g), torch.randint(0, 9, (64,), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    cpu = common.crop_flip(x, dy, dx, flip, padding=padding)
+    gpu = common.crop_flip(x.cuda(), dy.cuda(), dx.cuda(), flip.cuda(), padding=padding)
+    assert torch.equal(gpu.cpu(), cpu)
+    mean, std = common.DATASETS["cifar100"][5:7]
+    n_cpu = common._DeviceNormalize(mean, std, "cpu", True).normalize(cpu)
+    n_gpu = common._DeviceNormalize(mean, std, "cuda", True).normalize(gpu)
+    torch.testing.assert_close(n_gpu.cpu(), n_cpu, rtol=0, atol=1e-6)  # IEEE subtract and divide: at most a rounding
+    # the draws come from the device's generator (other numbers than the CPU's), the same for the same (seed, epoch)
+    y = torch.arange(64)
+    a, b = (list(common.Loader(x, y, mean, std, "cuda", 16, True, views=2, seed=3).epoch(1)) for _ in range(2))
+    assert all(torch.equal(u[0][0], v[0][0]) and torch.equal(u[0][1], v[0][1]) and torch.equal(u[2], v[2])
+               for u, v in zip(a, b))
+
+
+@needs_cuda
+def test_cuda_resume_matches_an_uninterrupted_run_up_to_cudas_own_nondeterminism(data, tmp_path, record_property):
+    """Each run in its own process, as in use. On the CPU a resume is bit-exact. On CUDA, cudnn.benchmark picks
+    convolution algorithms per process by timing them, and some accumulate in an order that varies, so two
+    uninterrupted runs may already differ: the resumed run must not differ from one more than 10x what a second
+    uninterrupted run differs (bit-exact when that is 0). Both differences are recorded (junit properties)."""
+    args = ["--arch", "resnet8", "--batch-size", 64, "--gpus", "0", "--data-dir", data, "--epochs", 2,
+            "--schedule", 1, "--lr", 0.05]
+    env = dict(os.environ)  # CUDA visible
+    runs = {}
+    for name, extra in (("a", []), ("c", []), ("b", ["--halt-after", 1]), ("b", ["--resume"])):
+        r = run_cli("baseline", *args, "--out", tmp_path / name, *extra, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = r
+    assert_continued_after_epoch_1(runs["b"].stdout, tmp_path / "b")
+    wa, wb, wc = (_weights(tmp_path / n) for n in "abc")
+    diff = lambda u, v: max(float((u[k].double() - v[k].double()).abs().max()) for k in u if u[k].is_floating_point())
+    d_resume, d_rerun = diff(wa, wb), diff(wa, wc)
+    record_property("resume_max_abs_diff", d_resume)
+    record_property("rerun_max_abs_diff", d_rerun)
+    print(f"CUDA resume: max |w_resumed - w_uninterrupted| = {d_resume:.3g}; two uninterrupted runs: {d_rerun:.3g}")
+    assert d_resume <= 10 * d_rerun, (d_resume, d_rerun)
+    assert read_final(tmp_path / "b")["device"] == torch.cuda.get_device_name(0)
+
+
+@needs_cuda
+def test_cuda_compile_end_to_end(tmp_path):
+    """--compile on CUDA through inductor: the step compiles, trains and tests; its first epoch's loss is the eager
+    run's within the bf16 bound (both under autocast; inductor fuses and rounds in another order)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    small = fake_cifar(tmp_path / "data", n_train=128, n_test=64)
+    args = ["--arch", "resnet8", "--batch-size", 32, "--gpus", "0", "--lr", 0.05, "--data-dir", small,
+            "--epochs", 2, "--schedule"]
+    run_main("baseline", *args, "--out", tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run_main("baseline", *args, "--out", tmp_path / "compiled", "--compile")
+        graphs, inductor = _compile_counters()()
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1 and inductor >= 1, dict(counters)
+    a, b = (float(read_log(tmp_path / o)[0]["loss"]) for o in ("eager", "compiled"))
+    assert abs(a - b) <= AMP_TERM_RTOL * abs(a), (a, b)
+    assert read_final(tmp_path / "compiled")["args"]["compile"] is True
+
+
+@needs_cuda
+@pytest.mark.parametrize("script", METHODS)
+def test_cuda_peak_memory_per_method(script, record_property):
+    """Peak GPU memory of three bf16 training steps at the protocol's shapes (resnet32, CIFAR-100, batch 128),
+    above what this process held before: recorded (junit property peak_memory_mib, printed by gpu_check.py)."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    extra = ["--teacher-arch", "resnet32"] if script == "sokd" else []
+    model, _, opts, labels = build_method(script, "--arch", "resnet32", "--batch-size", 128, *extra, device="cuda",
+                                          num_classes=100, n_train=3 * 128)
+    train, _ = method_loaders(model, labels, "cuda", batch_size=128)
+    for x, y, idx in train.epoch(0):
+        common.train_step(model, model, opts, x, y, idx, 0, True)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    record_property("peak_memory_mib", round(peak, 1))
+    print(f"{script}: peak {peak:.0f} MiB (resnet32, batch 128, bf16)")
+    del model, opts
+    torch.cuda.empty_cache()
+    assert 0 < peak < 40 * 1024
+
+
+# ---- gpu_check.py: the prepared GPU check, rehearsed here in its tiny mode
+
+def test_gpu_check_tiny_rehearses_every_part_and_a_part_out_of_time_is_marked(tmp_path):
+    """gpu_check.py --tiny runs every part on the CPU (CUDA hidden: the CUDA tests skip, visibly), the test-suite
+    part given 0.1 s so that it runs out of time: summary.md and summary.json are there, that part says "timeout",
+    the parts after it ran, and the real-data part kept its run records."""
+    import gpu_check
+    out = tmp_path / "gc"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--tiny", "--out", str(out),
+                        "--work", str(tmp_path / "work"), "--limit", "tests=0.1", "--budget", "1200"],
+                       cwd=HERE, capture_output=True, text=True, timeout=1800, env=cpu_env())
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]  # 1: not every part is ok
+    assert str((out / "summary.md").resolve()) in r.stdout  # where the outputs are
+    s = json.loads((out / "summary.json").read_text())
+    parts = s["parts"]
+    assert {p: v["status"] for p, v in parts.items()} == \
+        {"env": "ok", "cuda_tests": "ok", "tests": "timeout", "bench": "ok", "real": "ok"}, r.stdout
+    md = (out / "summary.md").read_text()
+    assert "| tests | timeout | 0.1 |" in md and "## bench" in md and "## real" in md
+    assert parts["env"]["env"]["cuda_available"] is False
+    counts = parts["cuda_tests"]["counts"]
+    assert set(counts) == {"skipped"} and counts["skipped"] >= 3 * len(METHODS), counts
+    assert set(parts["cuda_tests"]["skipped"]) == {"needs CUDA"}
+    for m in gpu_check.TINY_METHODS:
+        for mode in ("eager", "compile"):
+            assert parts["bench"]["bench"][m][mode]["ms_per_step"] > 0, (m, mode)
+        assert parts["real"]["runs"][m]["status"] == "ok"
+        assert all((out / "real" / m / f).exists() for f in ("run.json", "log.csv", "final.json"))
+    assert parts["bench"]["concurrency"]["2"]["speedup"] > 0
+    assert parts["real"]["epochs"] >= 1
+
+
+def test_gpu_check_stopped_by_sigterm_still_leaves_its_summary(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "gc"
+    skip = [x for p in ("env", "cuda_tests", "tests", "real") for x in ("--skip", p)]
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "gpu_check.py"), "--tiny", "--out", str(out),
+                          "--work", str(tmp_path / "work"), *skip], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the bench part has started its processes
+            if (out / "logs" / "bench-baseline-eager.log").exists():
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        said, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, said
+    parts = json.loads((out / "summary.json").read_text())["parts"]
+    assert parts["bench"]["status"] == "killed" and parts["env"]["status"] == "skipped", parts
+    assert "| bench | killed (signal 15) |" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_unpacks_a_pack_and_plans_the_epochs_that_fit(tmp_path):
+    """The pack's format (mosaics of 100 images a row, labels.npz, meta; a lossless split checked by sha256) read
+    back exactly; the plan: the most epochs that fit, with the concurrency that allows most."""
+    import hashlib
+    import gpu_check
+    g = np.random.RandomState(0)
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    x = {"train": g.randint(0, 256, (150, 3, 32, 32), dtype=np.uint8), "test": g.randint(0, 256, (100, 3, 32, 32),
+                                                                                          dtype=np.uint8)}
+    man = {}
+    for split, imgs in x.items():
+        rows = -(-len(imgs) // 100)
+        m = np.zeros((rows * 100, 32, 32, 3), np.uint8)
+        m[:len(imgs)] = imgs.transpose(0, 2, 3, 1)
+        Image.fromarray(m.reshape(rows, 100, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(rows * 32, 3200, 3)) \
+            .save(pack / f"{split}-0.png")
+        man[split] = {"n": len(imgs), "files": [f"{split}-0.png"], "lossless": split == "test",
+                      "sha256": hashlib.sha256(imgs.reshape(len(imgs), -1).tobytes()).hexdigest()}
+    (pack / "MANIFEST.json").write_text(json.dumps(man))
+    np.savez(pack / "labels.npz", **{f"{s}_{k}": g.randint(0, 100, len(x[s])) for s in x for k in ("fine", "coarse")})
+    (pack / "meta").write_bytes(b"meta")
+    gpu_check.unpack_cifar100(str(pack), str(tmp_path / "data"))
+    tx, ty, vx, vy = common.load_cifar("cifar100", str(tmp_path / "data"))
+    assert np.array_equal(tx, x["train"]) and np.array_equal(vx, x["test"])
+    assert np.array_equal(vy, np.load(pack / "labels.npz")["test_fine"])
+    man["test"]["sha256"] = "0" * 64
+    (pack / "MANIFEST.json").write_text(json.dumps(man))
+    with pytest.raises(SystemExit, match="do not match the manifest's sha256"):
+        gpu_check.unpack_cifar100(str(pack), str(tmp_path / "data2"))
+    # two methods of 100 ms/step, 10 steps an epoch (batch 10 of 100 images), no start-up: one run takes
+    # 0.1 s x (10 E steps + 0.5 x (E test batches + 10 batches of training images)) = 1.05 E + 0.5 s; alone, both
+    # one after the other fit 4 epochs in 10 s; two at once (speedup 1.5: each slowed 4/3) fit 6
+    c = argparse.Namespace(methods=["baseline", "dml"], batch=10, startup=0.0, a=argparse.Namespace(max_epochs=300),
+                           bench={m: {"eager": {"ms_per_step": 100.0}} for m in ("baseline", "dml")},
+                           concurrency={1: {"speedup": 1.0}, 2: {"speedup": 1.5}})
+    assert gpu_check.plan_real(c, 10.0, 100, 10, "eager")[:2] == (6, 2)
+    c.concurrency[2]["speedup"] = 1.0  # no gain from running two at once: one at a time (fewer slots on a tie)
+    assert gpu_check.plan_real(c, 10.0, 100, 10, "eager")[:2] == (4, 1)
