@@ -4136,7 +4136,7 @@ def _zoo_method(method, arch, nc):
                                           nce_k=4, nce_t=0.1, nce_m=0.5, batch_size=2), nc)
     if method == "cl":
         return cl.CL(_cl_args(arch=arch), nc)
-    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=2, T=3.0, rampup=80), nc)
+    return okddip.OKDDip(argparse.Namespace(arch=arch, peers=2, T=3.0, rampup=80, detach_targets=False), nc)
 
 
 @pytest.mark.parametrize("arch", ["vgg8", "mobilenetv2_half", "shufflev1", "shufflev2"])
