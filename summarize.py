@@ -273,7 +273,7 @@ def _style(i):
 
 def _label(g, varying):
     st = g["settings"]
-    extra = [f"{k}={_cell(st.get(k))}" for k in varying if k not in ("data", "machine")]
+    extra = [f"{k}={_cell(st.get(k))}" for k in varying if k not in ("data", "machine") and st.get(k) is not None]
     return " ".join([st["method"], st.get("arch", "")] + extra)
 
 
