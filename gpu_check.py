@@ -66,13 +66,23 @@ LIVE = set()  # processes started and not yet reaped: stopped on the way out
 
 # ---- processes ----------------------------------------------------------------------------------------------
 
+STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
 def start(cmd, log, env):
-    """A process in its own session (so that it can be stopped with everything it started), output to `log`."""
+    """A process in its own session (so that it can be stopped with everything it started), output to `log`.
+    SIGTERM/SIGINT wait until it is in LIVE: a stop that came between its start and LIVE.add would miss it and
+    leave it running (seen: a SIGTERM just after the bench's first log file appeared). The child unblocks them."""
     f = open(log, "w")
-    p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=HERE, env=env,
-                         start_new_session=True)
-    p.logfile = f
-    LIVE.add(p)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=HERE, env=env,
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
+        p.logfile = f
+        LIVE.add(p)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # a stop that came meanwhile is handled now
     return p
 
 
