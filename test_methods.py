@@ -995,6 +995,7 @@ def test_eval_every_tests_some_epochs_and_always_the_last(data, tmp_path, capsys
 
 
 # ---- resume
+# (each method's part resumes a halted run bit-identically; a bare --resume and its stored settings: 4. OPTIONS)
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the garbage starts like a pickle
 def test_resume_without_checkpoint_starts_the_run_and_garbage_is_a_clear_error(data, tmp_path, capsys):
@@ -1207,6 +1208,8 @@ def test_compile_traces_once_not_once_per_epoch_of_a_ramp_up(script, ramp, tmp_p
 
 
 # ---- DDP: two gloo processes, through --gpus 0,1 (mp.spawn) and through torchrun
+# (baseline's: 9. BASELINE; OEC-KD's, KD's and ReviewKD's: their parts; below, the methods with state beyond
+# the weights: EMA teachers, memory banks, holdout weights)
 
 @pytest.mark.parametrize("script,extra", [("pcl", []), ("mcl", []), ("kdcl", ["--variant", "general", "--val-size", 64]),
                                           ("cl", []), ("okddip", []), ("ffsd", [])])
@@ -2839,6 +2842,8 @@ def test_no_top_level_name_of_this_file_is_defined_twice():
 # =================================================================================================
 # 9. BASELINE (baseline.py): the loop's reference runs
 # =================================================================================================
+# baseline.py is the plain loop: its runs are the reference the loop's tests (3.) and the methods' runs read against.
+
 
 # ---- baseline: end to end
 
