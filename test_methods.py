@@ -2841,9 +2841,8 @@ def test_no_top_level_name_of_this_file_is_defined_twice():
 
 # =================================================================================================
 # 9. BASELINE (baseline.py): the loop's reference runs
+# baseline.py is the loop with a plain CE: its end to end, resume and DDP runs test the loop itself.
 # =================================================================================================
-# baseline.py is the plain loop: its runs are the reference the loop's tests (3.) and the methods' runs read against.
-
 
 # ---- baseline: end to end
 
