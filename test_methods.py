@@ -153,10 +153,9 @@ def _is_method_script(path):
         return False
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    calls = {(c.func.value.id, c.func.attr) for node in tree.body if isinstance(node, ast.FunctionDef)
-             and node.name == "main" for c in ast.walk(node) if isinstance(c, ast.Call)
-             and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name)}
-    return {("common", "parse"), ("common", "run")} <= calls
+    mains = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    calls = {ast.unparse(c.func) for m in mains for c in ast.walk(m) if isinstance(c, ast.Call)}
+    return {"common.parse", "common.run"} <= calls
 
 
 # every method script, found on disk: a new method file is in every test over all methods (amp, CUDA, peak
@@ -553,10 +552,10 @@ def test_imagenet_split_reproduces_the_whole_net(arch, at):
 # parameter counts with a CIFAR-100 head, computed with RepDistiller's own classes (vggN = vggN_bn,
 # mobilenetv2_half = mobile_half, shufflev1/v2 = ShuffleV1/ShuffleV2)
 ZOO_REPDISTILLER = {"vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436,
-                "mobilenetv2_half": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528}
+                    "mobilenetv2_half": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528}
 # what vgg8..vgg16 built before issue 26 (no conv bias: 1,472 .. 4,224 fewer), and the untouched MobileNetV2
-ZOO_OLD_NAMES = {"vgg8_2x2": 3_963_556, "vgg11_2x2": 9_274_532, "vgg13_2x2": 9_459_236, "vgg16_2x2": 14_770_212,
-             "mobilenetv2": 2_353_060}
+ZOO_OLD_NAMES = {"vgg8_2x2": 3_963_556, "vgg11_2x2": 9_274_532, "vgg13_2x2": 9_459_236,
+                 "vgg16_2x2": 14_770_212, "mobilenetv2": 2_353_060}
 # (channels of the last map, map size after every stage) on a 32x32 input
 ZOO_MAPS = {"vgg8": (512, [32, 16, 8, 4, 4]), "vgg13": (512, [32, 16, 8, 4, 4]), "vgg8_2x2": (512, [32, 16, 8, 4, 2]),
             "mobilenetv2_half": (1280, [16, 16, 8, 4, 2]), "shufflev1": (960, [32, 16, 8, 4]),
@@ -1289,10 +1288,10 @@ def test_cuda_bf16_step_matches_fp32(script, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("script,extra", [pytest.param(m, [], id=m) for m in METHODS] +
-                         [pytest.param("kdcl", ["--variant", "linear"], id="kdcl-linear"),
-                          pytest.param("kdcl", ["--variant", "naive"], id="kdcl-naive"),
-                          pytest.param("cl", ["--sharing", "simple"], id="cl-simple")])
+@pytest.mark.parametrize("script,extra", [*(pytest.param(m, [], id=m) for m in METHODS),
+                                          pytest.param("kdcl", ["--variant", "linear"], id="kdcl-linear"),
+                                          pytest.param("kdcl", ["--variant", "naive"], id="kdcl-naive"),
+                                          pytest.param("cl", ["--sharing", "simple"], id="cl-simple")])
 def test_cuda_training_step_has_no_host_sync(script, extra, tmp_path, monkeypatch):
     """CUDA's own sync detector (torch.cuda.set_sync_debug_mode("error")) around every training step of --bench
     after the first two (cudnn autotuning): the loop's step, forward to after_step, never waits for the GPU."""
@@ -3577,9 +3576,6 @@ def test_one_end_to_end(data, tmp_path):
 # 14. OKDDIP (okddip.py)
 # =================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# OKDDip (okddip.py)
-# ------------------------------------------------------------------------------------------------
 def _okddip_model(arch="resnet8", nc=10, peers=3, seed=0, detach_targets=False):
     return method_model("okddip", nc, seed, arch=arch, peers=peers, detach_targets=detach_targets)
 
@@ -3621,7 +3617,7 @@ def test_okddip_peer_targets_are_the_attention_weighted_peer_logits():
 # with HAND_Z (3 peers x 2 samples x 3 classes) and HAND_Y: the leader's logits, the attention weights
 OKDDIP_LEADER = [[0.5, 0.5, -1.0], [1.0, 2.0, 0.0]]
 OKDDIP_ALPHA = [[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.0, 0.25, 0.75]],
-         [[1.0, 0.0, 0.0], [0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]]  # per sample, row a = peer a's weights
+                [[1.0, 0.0, 0.0], [0.1, 0.1, 0.8], [0.4, 0.4, 0.2]]]  # per sample, row a = peer a's weights
 
 
 def _okddip_hand_kl(student, teacher, T, eps):
@@ -4646,9 +4642,6 @@ def test_sokd_end_to_end_with_a_baseline_teacher_and_export(tmp_path):
 # 19. FFSD (ffsd.py)
 # =================================================================================================
 
-# ------------------------------------------------------------------------------------------------
-# FFSD (ffsd.py)
-# ------------------------------------------------------------------------------------------------
 FFSD_TERMS = ["ce", "kd", "div", "sd", "ce_f", "fusion", "ce_l", "kd_l", "fuse_l", "trans_l", "sd_l", "dec"]
 FFSD_WARMED = {"div", "sd", "fuse_l", "trans_l", "sd_l", "dec"}  # the terms carrying a lambda
 
@@ -4815,9 +4808,10 @@ def _ffsd_trained(m):
                                                      for p in mod.parameters())}
 
 
-FFSD_TRAINS = {"ce": {"student1", "student2"}, "kd": {"student1", "student2"}, "div": {"student2"}, "sd": {"student2"},
-          "ce_f": {"fusion"}, "fusion": {"fusion"}, "ce_l": {"leader"}, "kd_l": {"leader"}, "fuse_l": {"leader"},
-          "trans_l": {"leader", "trans_fusion"}, "sd_l": {"leader"}, "dec": {"decoder2", "decoder_l"}}
+FFSD_TRAINS = {"ce": {"student1", "student2"}, "kd": {"student1", "student2"}, "div": {"student2"},
+               "sd": {"student2"}, "ce_f": {"fusion"}, "fusion": {"fusion"}, "ce_l": {"leader"}, "kd_l": {"leader"},
+               "fuse_l": {"leader"}, "trans_l": {"leader", "trans_fusion"}, "sd_l": {"leader"},
+               "dec": {"decoder2", "decoder_l"}}
 
 
 @pytest.mark.parametrize("term", FFSD_TERMS)
