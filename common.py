@@ -13,7 +13,8 @@ copy a method file next to it and it runs. Its parts, in reading order:
   3. LOOP        run(), the training process(es), _train and its phases, train_step, evaluate, logging:
                  optimizer, schedule, DDP, bf16 autocast, checkpoints, resume, final.json.
   4. OPTIONS     the parser and its checks, the protocol's defaults, --recipe paper, the settings a
-                 --resume takes from its run, the sets of option names; teacher checkpoints (KD, SOKD).
+                 --resume takes from its run, the sets of option names; teacher checkpoints (kd.py,
+                 sokd.py, reviewkd.py: load_teacher, check_teacher).
   5. RUN FOLDER  what a run may write where: the lock, atomic writes, --force, how Ctrl-C stops a run.
   6. BENCH       --bench N: images/s of the loop and of the bare step, on synthetic data.
 
@@ -1990,7 +1991,8 @@ INHERITED = {"data_dir", "gpus", "workers", "compile", "amp", "no_amp", "eval_ev
 # what the run trains with, and what PROTOCOL fills in when left out (so --resume compares like with like)
 RUN_SETTINGS = ("epochs", "lr", "batch_size", "wd", "schedule", "image_size")
 
-# not options: the records a stored run holds beside its options, which --resume neither takes nor compares
+# not options: what a stored run records beside its options, which --resume neither takes nor compares as such
+# (the method is checked on its own)
 RECORDS = ("method", "resolved", "data", "machine")
 
 # the options every version of this file stored, from the first on: how run.json / final.json args / checkpoint
