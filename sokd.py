@@ -56,7 +56,6 @@ writes the improved teacher as one plain network in baseline.py's checkpoint for
     python sokd.py --export-teacher runs/sokd-wrn_40_1-cifar100-s0   # -> .../improved_teacher.pt
 """
 import os
-import sys
 
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -87,53 +86,12 @@ def student_loss(z_s, z_a, z_t, y, T, w_t=0.0):
     return ce + kl + kl_t, ce, kl, kl_t
 
 
-def _train_teacher_hint(arch, dataset):
-    return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
-
-
-def load_teacher(path, arch, dataset, num_classes, args=None):
-    """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
-    Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
-    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count; with
-    the run's args, also another normalisation (common.check_teacher, whose warnings are printed)."""
-    try:
-        ck = common.load_checkpoint(path, "teacher checkpoint")
-    except (FileNotFoundError, RuntimeError) as e:
-        a = arch or "wrn_40_2"
-        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
-                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
-    meta = ck.get("args") if isinstance(ck, dict) else None
-    model = ck.get("model") if isinstance(ck, dict) else None
-    if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in common.ARCHS:
-        raise ValueError(f"{path} is not a baseline.py checkpoint (no 'args' with a known 'arch' and 'model'); "
-                         + _train_teacher_hint(arch or "wrn_40_2", dataset))
-    t_arch, t_data = meta["arch"], meta.get("dataset")
-    if (arch is not None and arch != t_arch) or t_data != dataset:
-        raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
-                         f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
-                         + _train_teacher_hint(arch or t_arch, dataset))
-    if args is not None:
-        for w in common.check_teacher(path, meta, args, ck.get("data")):
-            print(f"warning: {w}", file=sys.stderr)
-    net = common.build_model(t_arch, num_classes)
-    try:
-        net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
-                         + _train_teacher_hint(t_arch, dataset)) from None
-    hist = ck.get("history")
-    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
-    desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
-            + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
-    return t_arch, net, desc
-
-
 class SOKD(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
         if args.teacher:
-            t_arch, self.teacher, _ = load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
+            t_arch, self.teacher, _ = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes,
+                                                           default_arch="wrn_40_2")
         else:  # --bench with no checkpoint only (main() checks): the step time does not depend on the weights
             t_arch = args.teacher_arch or "wrn_40_2"
             self.teacher = common.build_model(t_arch, num_classes)
@@ -255,8 +213,8 @@ def main():
         args.teacher = ""
     else:  # checked here, before common.run creates the run folder
         try:
-            args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.dataset_info(args)[0], args)
+            args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset,
+                                                             common.dataset_info(args)[0], args, "wrn_40_2")
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

@@ -4633,7 +4633,7 @@ def test_sokd_end_to_end_with_a_baseline_teacher_and_export(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(net(x), model.heads(x)["bridge"], atol=1e-5)
-        arch, loaded, _ = sokd.load_teacher(str(exp), "resnet8", "cifar100", 100)
+        arch, loaded, _ = common.load_teacher(str(exp), "resnet8", "cifar100", 100)
         assert arch == "resnet8" and torch.allclose(loaded.eval()(x), model.heads(x)["bridge"], atol=1e-5)
         assert not torch.allclose(net(x), model.heads(x)["teacher"], atol=1e-3)
 
