@@ -37,7 +37,7 @@ Deviations from the official code (SJLeo/FFSD: CIFARTrainer.py, options.py, mode
     1 from index 4 on. --warmup 5 is scaled with --epochs (a shorter run warms up faster); 0: none.
   - Decoders: Adam (fused: same update, no host sync), lr 1e-3, wd 1e-4 (--decoder-lr, --decoder-wd;
     official: Adam's default lr, wd = the nets' 1e-4), through extra_optimizer(); their lr follows the
-    SGD schedule (on_epoch), as the official code steps a MultiStepLR on
+    SGD schedule (on_epoch: --decoder-lr x common.lr_factor), as the official code steps a MultiStepLR on
     them too. Their targets come from an eval-mode pass (running BN statistics) before their training
     pass, as in the official order.
   - Recipe: the protocol. Official: wd 1e-4, reflect padding, 299 epochs (1..299, lr drops after 150
@@ -62,8 +62,6 @@ oracle, not reproduced).
     python ffsd.py --arch resnet32 --dataset cifar100 --gpus 0
     python ffsd.py --arch resnet32 --recipe paper     # the official recipe (wd 1e-4, 299 epochs, reflect)
 """
-import math
-
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
@@ -243,12 +241,9 @@ class FFSD(nn.Module):
         return self.decoder_opt
 
     def on_epoch(self, epoch, holdout):
-        """The decoders' lr follows the SGD schedule (x0.1 at each --schedule milestone, or --cosine)."""
-        a = self.args
-        f = 0.5 * (1 + math.cos(math.pi * epoch / a.epochs)) if a.cosine else \
-            0.1 ** sum(epoch >= m for m in a.schedule)
+        """The decoders' lr follows the SGD schedule: --decoder-lr times the schedule's factor of --lr."""
         for g in self.decoder_opt.param_groups:
-            g["lr"] = a.decoder_lr * f
+            g["lr"] = self.args.decoder_lr * common.lr_factor(self.args, epoch)
 
     def heads(self, x):
         outs = [s(x, features=True) for s in self.students]
