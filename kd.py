@@ -4,7 +4,7 @@ on CIFAR-100 (Tian, Krishnan, Isola; ICLR 2020). https://arxiv.org/abs/1503.0253
 Idea: the offline reference of every distillation table. A teacher is trained first and frozen; the
 student learns from the labels and from the teacher's softened class distribution (temperature T).
 
-Loss (z_T teacher, z_S student; KD(s <- t) = T^2 KL(p_t^T || p_s^T), summed over classes, batch mean):
+Loss (z_T teacher, z_S student):
   0.1 CE(z_S, y) + 0.9 KD(z_S <- z_T),   T = 4,   z_T from the frozen teacher (no graph)
 
 Logged terms are the weighted ones, so that they add up to the loss: "ce" = 0.1 CE, "kd" = 0.9 KD.
@@ -37,6 +37,7 @@ an offline method's cost is the teacher's training plus the student's.
 
     python kd.py --arch resnet32 --dataset cifar100 --gpus 0   # reads runs/baseline-resnet110-cifar100-s0
     python kd.py --arch resnet8x4 --teacher runs/baseline-resnet32x4-cifar100-s0/checkpoint.pt
+    python kd.py --arch resnet32 --dataset cifar100 --recipe paper   # RepDistiller's batch 64, 240 epochs
 """
 import os
 
@@ -54,10 +55,10 @@ def kd(student, teacher, T):
 
 
 def kd_loss(z_s, z_t, y, T, ce_weight=0.1, kd_weight=0.9):
-    """ce_weight CE(z_S, y) + kd_weight KD(z_S <- z_T). Returns (total, weighted ce, weighted kd)."""
+    """ce_weight CE(z_S, y) + kd_weight KD(z_S <- z_T). Returns (total, {term: value}), both terms weighted."""
     ce = ce_weight * F.cross_entropy(z_s, y)
     kl = kd_weight * kd(z_s, z_t, T)  # z_T: frozen teacher, no graph (kd() detaches it anyway)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce": ce, "kd": kl}
 
 
 # the tables' teacher of each student (RepDistiller README): where --teacher and --teacher-arch are left out
@@ -89,8 +90,7 @@ class KD(nn.Module):
         with torch.no_grad():  # the frozen teacher: no graph, nothing reaches it
             z_t = self.teacher(x)
         z_s = self.student(x).float()  # losses in fp32 under autocast
-        total, ce, kl = kd_loss(z_s, z_t.float(), y, self.T, self.ce_weight, self.kd_weight)
-        return total, {"ce": ce, "kd": kl}
+        return kd_loss(z_s, z_t.float(), y, self.T, self.ce_weight, self.kd_weight)
 
     def heads(self, x):
         return {"student": self.student(x), "teacher": self.teacher(x)}

@@ -28,7 +28,7 @@ For a WRN (pre-activation blocks) the levels are the stage outputs, the last one
 BN-ReLU, as in the official wide_resnet_cifar.py; the teacher's pre-activation of a level is the BN
 that opens the next stage (the final BN for the last), without its ReLU. The teacher's pre-ReLU
 features are read by running its stages here (the last block's body + shortcut, then the ReLU), which
-computes exactly the network's own forward (tested), so common.py's networks are unchanged.
+computes exactly the network's own forward (tested), so common.py's networks need no hook for it.
 
 The teacher is a checkpoint written by baseline.py, loaded and checked exactly as sokd.py loads its
 teacher; train it first, e.g.
@@ -68,6 +68,8 @@ sokd.py). An offline method's cost is the teacher's training plus the student's.
 
     python reviewkd.py --arch resnet32 --dataset cifar100 --gpus 0   # reads runs/baseline-resnet110-cifar100-s0
     python reviewkd.py --arch wrn_40_1 --teacher runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt
+    python baseline.py --arch resnet56 --epochs 240 --schedule 151 181 211 --norm cifar10 --out runs/t56-paper
+    python reviewkd.py --arch resnet20 --recipe paper --teacher runs/t56-paper/checkpoint.pt   # item 2
 """
 import os
 
@@ -93,6 +95,14 @@ def hcl(student, teacher):
             norm += w
         total = total + loss / norm
     return total
+
+
+def reviewkd_loss(z_s, outs, t_levels, y, w):
+    """CE(z_S, y) + w sum_i HCL(out_i, t_i), w = lambda min(1, e/W). Returns (total, {term: value}), "hcl"
+    already multiplied by w."""
+    ce = F.cross_entropy(z_s, y)
+    loss_hcl = w * hcl(outs, t_levels)
+    return ce + loss_hcl, {"ce": ce, "hcl": loss_hcl}
 
 
 def warm_up(epoch, length):
@@ -241,10 +251,9 @@ class ReviewKD(nn.Module):
             t_levels, _ = features(self.teacher, x, pre_relu=True)
         s_levels, z_s = features(self.student, x)
         outs = review(self.abfs, s_levels)
-        ce = F.cross_entropy(z_s.float(), y)  # losses in fp32 under autocast
         w = self.lam * warm_up(epoch, self.warmup)  # a Python float: no host sync
-        loss_hcl = w * hcl([o.float() for o in outs], [f.float() for f in t_levels])
-        return ce + loss_hcl, {"ce": ce, "hcl": loss_hcl}
+        floats = lambda fs: [f.float() for f in fs]  # losses in fp32 under autocast
+        return reviewkd_loss(z_s.float(), floats(outs), floats(t_levels), y, w)
 
     def heads(self, x):
         return {"student": self.student(x), "teacher": self.teacher(x)}

@@ -7,7 +7,7 @@ the teacher's (detached) penultimate-stage features. The teacher's trunk + the K
 teacher that learns from the labels, from the frozen teacher and from the student, while the
 student learns from the labels and from the KBM (mutual learning between student and KBM).
 
-Losses (z_T teacher, z_A teacher trunk + KBM, z_S student; KD(s <- t) = T^2 KL(p_t^T || p_s^T)):
+Losses (z_T teacher, z_A teacher trunk + KBM, z_S student):
   KBM:      CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S),   z_T, z_S detached
   student:  CE(z_S, y) + KD(z_S <- z_A) [+ w KD(z_S <- z_T), --kd-teacher w, default 0],  z_A detached
 
@@ -16,8 +16,9 @@ plus KBM <- student, and "kd_t" (only when --kd-teacher > 0) the weighted teache
 The loss is the sum of all of them; each module's parameters get gradient from its own terms only.
 
 The teacher is a checkpoint written by baseline.py (the "net.*" weights of "model"; its "args"
-give the architecture and dataset); train it first, e.g.
-    python baseline.py --arch wrn_40_2 --dataset cifar100 --epochs 200 --schedule 100 150 --no-nesterov
+give the architecture and dataset); train it first, with the normalisation (--norm) of the SOKD run
+that reads it, e.g.
+    python baseline.py --arch wrn_40_2 --dataset cifar100                  # for sokd.py under the protocol
 
 Deviations from the paper / official code (swlzq/Semi-Online-KD, trainer/sokd.py, models/wrn.py,
 configs/sokd.yaml), and choices where the spec was open:
@@ -54,6 +55,8 @@ writes the improved teacher as one plain network in baseline.py's checkpoint for
     python sokd.py --dataset cifar100 --gpus 0   # runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt -> wrn_40_1
     python sokd.py --arch resnet20 --teacher runs/baseline-resnet56-cifar100-s0/checkpoint.pt
     python sokd.py --export-teacher runs/sokd-wrn_40_1-cifar100-s0   # -> .../improved_teacher.pt
+    python baseline.py --arch wrn_40_2 --dataset cifar100 --recipe paper --out runs/sokd-teacher-paper
+    python sokd.py --dataset cifar100 --recipe paper --teacher runs/sokd-teacher-paper/checkpoint.pt
 """
 import os
 
@@ -71,19 +74,32 @@ def kd(student, teacher, T):
 
 
 def bridge_loss(z_a, z_t, z_s, y, T):
-    """KBM: CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S). Returns (total, ce_b, kd_b)."""
+    """KBM: CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S). Returns (total, {"ce_b": CE, "kd_b": both KDs})."""
     ce = F.cross_entropy(z_a, y)
     # z_S detached: the KBM's loss must not train the student (z_T has no graph: the teacher is frozen)
     kl = kd(z_a, z_t, T) + kd(z_a, z_s.detach(), T)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce_b": ce, "kd_b": kl}
 
 
 def student_loss(z_s, z_a, z_t, y, T, w_t=0.0):
-    """Student: CE(z_S, y) + KD(z_S <- z_A) + w_t KD(z_S <- z_T). Returns (total, ce, kd, w_t kd_t)."""
+    """Student: CE(z_S, y) + KD(z_S <- z_A) + w_t KD(z_S <- z_T). Returns (total, {"ce", "kd"} and, only
+    when w_t > 0, "kd_t" = w_t KD(z_S <- z_T))."""
     ce = F.cross_entropy(z_s, y)
     kl = kd(z_s, z_a.detach(), T)  # z_A detached: the student's loss must not train the KBM
     kl_t = w_t * kd(z_s, z_t, T) if w_t else z_s.new_zeros(())  # z_T: frozen teacher, no graph
-    return ce + kl + kl_t, ce, kl, kl_t
+    return ce + kl + kl_t, {"ce": ce, "kd": kl, **({"kd_t": kl_t} if w_t else {})}
+
+
+def sokd_loss(z_s, z_a, z_t, y, T, w_t=0.0):
+    """The student's loss plus the KBM's: each module's parameters get gradient from its own terms only.
+    Returns (total, {term: value}), the terms in the order "ce", "kd" (student), "ce_b", "kd_b" (KBM),
+    then "kd_t" when w_t > 0."""
+    loss_b, bridge = bridge_loss(z_a, z_t, z_s, y, T)
+    loss_s, student = student_loss(z_s, z_a, z_t, y, T, w_t)
+    terms = {"ce": student["ce"], "kd": student["kd"], **bridge}
+    if "kd_t" in student:
+        terms["kd_t"] = student["kd_t"]
+    return loss_s + loss_b, terms
 
 
 class SOKD(nn.Module):
@@ -123,13 +139,7 @@ class SOKD(nn.Module):
         h, z_t = self.teacher_forward(x)
         z_a = self.bridge(h.detach()).float()  # h detached (no graph anyway): nothing reaches the teacher
         z_s = self.student(x).float()          # losses in fp32 under autocast
-        z_t = z_t.float()
-        loss_b, ce_b, kd_b = bridge_loss(z_a, z_t, z_s, y, self.T)
-        loss_s, ce, kl, kl_t = student_loss(z_s, z_a, z_t, y, self.T, self.kd_teacher)
-        terms = {"ce": ce, "kd": kl, "ce_b": ce_b, "kd_b": kd_b}
-        if self.kd_teacher:
-            terms["kd_t"] = kl_t
-        return loss_s + loss_b, terms
+        return sokd_loss(z_s, z_a, z_t.float(), y, self.T, self.kd_teacher)
 
     def heads(self, x):
         h, z_t = self.teacher_forward(x)
