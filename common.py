@@ -58,7 +58,7 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
     extra_optimizer()            a second optimizer for parameters left out of param_groups (e.g.
                                  FFSD's Adam-trained decoders): stepped after the SGD step on the same
                                  backward pass, its state saved in checkpoints; the lr schedule is
-                                 applied to the SGD groups only.
+                                 applied to the SGD groups only (on_epoch may apply lr_factor to it).
     after_step()                 called after every optimizer step (EMA teachers, memory banks).
     on_epoch(epoch, holdout)     called at the start of every training epoch (holdout: a Loader or None).
     on_data(train_labels)        called once, before the optimizer and resume, with the training
@@ -1320,12 +1320,18 @@ def _finish(args, out, model, history, train_images, identity, rank, world, devi
 
 # ---- The lr of an epoch, the ramp-up of a method's term, bf16 autocast
 
-def _set_lr(opt, args, epoch):
-    """The lr of `epoch` (x0.1 at each --schedule milestone, or --cosine), set in every group times its lr_scale."""
+def lr_factor(args, epoch):
+    """The learning-rate schedule as a factor of --lr in the 0-based epoch `epoch`: one cosine from 1 over
+    --epochs (--cosine), or x0.1 at each --schedule milestone. The loop's SGD gets --lr times it (_set_lr);
+    a method's other optimizer may follow it too (ffsd.py's decoders)."""
     if args.cosine:
-        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+        return 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return 0.1 ** sum(epoch >= m for m in args.schedule)
+
+
+def _set_lr(opt, args, epoch):
+    """The lr of `epoch`, --lr x lr_factor, set in every group times its lr_scale."""
+    lr = args.lr * lr_factor(args, epoch)  # the same float as 0.5 * lr * (1 + cos): a factor of 0.5 is exact
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
@@ -1675,7 +1681,7 @@ def parser(description):
     add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
     add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
             help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
-    add_arg(p, "--data-dir", default="./data")
+    add_arg(p, "--data-dir", default="./data", help="where the dataset is read (CIFAR: downloaded there when absent)")
     add_arg(p, "--image-size", type=int, default=None, check="positive", help="imagenet: training crop, 224 when not given; "
             "evaluation resizes to size*256/224 and center-crops")
     add_arg(p, "--workers", type=int, default=8, check="nonneg", help="imagenet: DataLoader processes per training process")
@@ -1685,8 +1691,8 @@ def parser(description):
     add_arg(p, "--batch-size", type=int, default=None, check="positive", help="global batch, whatever the number of GPUs; "
             "when not given: 128 on CIFAR, 256 on imagenet")
     add_arg(p, "--wd", type=float, default=None, check="nonneg", help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
-    add_arg(p, "--momentum", type=float, default=0.9, check="unit")
-    add_arg(p, "--no-nesterov", action="store_true")
+    add_arg(p, "--momentum", type=float, default=0.9, check="unit", help="SGD momentum")
+    add_arg(p, "--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
             "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
     add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
@@ -1699,11 +1705,11 @@ def parser(description):
     add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
             help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
                  "every option not given (each script's PAPER)")
-    add_arg(p, "--seed", type=int, default=0, check="seed")
+    add_arg(p, "--seed", type=int, default=0, check="seed", help="initialisation, data order and augmentation")
     add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
             "(the log shows '-' in between); 1: every epoch")
     add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; 'cpu' the CPU (no CUDA: CPU with a warning)")
-    add_arg(p, "--out", default=None, help="run folder (default runs/<method>-<arch>-<dataset>-s<seed>)")
+    add_arg(p, "--out", default=None, help="run folder; None: runs/<method>-<arch>-<dataset>-s<seed>")
     add_arg(p, "--resume", action="store_true", help="continue the run in the run folder with its stored settings "
             "(start it when there is none; a finished run is left as it is)")
     add_arg(p, "--force", action="store_true", help="start over in an existing run folder (its run files are removed)")

@@ -15,7 +15,7 @@ Contents (each part starts with a line "# N. NAME"; search for it):
    6. BENCH (part 6)
    7. TOOLS: summarize.py and slurm_grid.sh, cifar10_from_jpeg.py, gpu_check.py
    8. EVERY METHOD: the scripts found against README's table, the kd() copies, each file next to common.py
-      alone, no name of this file defined twice
+      alone, no name of this file defined twice, one loss convention, common.py's layout and imports
    9-22. One part per method, in README's order: BASELINE, DML, CL, KDCL, ONE, OKDDIP, FFL, PCL, MCL, SOKD,
       FFSD, OECKD, KD, REVIEWKD. Each has the sub-sections it needs, in this order: loss by hand, gradient
       flow, counts and structure, end to end (with its options, host syncs and refusals), resume, DDP.
@@ -1404,6 +1404,74 @@ def test_cuda_peak_memory_per_method(script, record_property):
     assert 0 < peak < 40 * 1024
 
 
+# ---- a loss term given as a plain number: one line, not a traceback
+
+class _Terms(torch.nn.Module):
+    """A linear model whose forward returns `extra` as one more loss term."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.fc, self.extra = torch.nn.Linear(4, 3), extra
+
+    def forward(self, x, y, idx, epoch):
+        ce = F.cross_entropy(self.fc(x), y)
+        return ce, {"ce": ce, "off": self.extra}
+
+
+def _step(extra):
+    model = _Terms(extra)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    return common.train_step(model, model, [opt], x, y, torch.arange(8), 0, False)
+
+
+@pytest.mark.parametrize("extra", [0.0, 0, 1.5])
+def test_train_step_names_a_term_given_as_a_plain_number(extra):
+    with pytest.raises(ValueError) as e:
+        _step(extra)
+    msg = str(e.value)
+    assert "\n" not in msg and "_Terms.forward" in msg and "'off'" in msg and repr(extra) in msg
+    assert "not a tensor" in msg and "torch.tensor(0.0, device=y.device)" in msg
+
+
+def test_train_step_stacks_tensor_terms_as_before():
+    names, vals = _step(torch.tensor(0.25))
+    assert names == ["loss", "ce", "off"] and vals.dtype == torch.float32 and vals.shape == (3,)
+    assert vals[0] == vals[1] and vals[2] == 0.25
+
+
+def test_a_plain_number_term_ends_the_run_in_one_line(data, tmp_path, monkeypatch, capsys):
+    real = dml.DML.forward
+
+    def forward(self, x, y, idx, epoch):
+        loss, terms = real(self, x, y, idx, epoch)
+        return loss, {**terms, "kd": 0.0}  # as a method with its weight off might write it
+    monkeypatch.setattr(dml.DML, "forward", forward)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        run_main("dml", *TINY, "--data-dir", data, "--epochs", 1, "--out", out)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == common.EXIT_ERROR and len(lines) == 1 and "Traceback" not in err
+    assert "DML.forward returned the loss term 'kd' as 0.0 (a float), not a tensor" in lines[0]
+    assert not out.exists()  # nothing was kept: the start was undone
+
+
+# ---- the lr schedule, written once
+
+@pytest.mark.parametrize("cosine,schedule", [(False, [2, 4]), (True, [])])
+def test_lr_factor_is_the_loops_schedule_and_the_ffsd_decoders_follow_it(cosine, schedule):
+    """common.lr_factor is the schedule _set_lr applies (bit for bit), and FFSD's decoders get --decoder-lr x it."""
+    args = argparse.Namespace(cosine=cosine, schedule=schedule, lr=0.1, epochs=6)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    m = method_model("ffsd", schedule=schedule or [2, 4], epochs=6, cosine=cosine)
+    adam = m.extra_optimizer()
+    for e in range(6):
+        assert common._set_lr(opt, args, e) == args.lr * common.lr_factor(args, e)
+        m.on_epoch(e, None)
+        assert adam.param_groups[0]["lr"] == m.args.decoder_lr * common.lr_factor(m.args, e)
+
+
 # =================================================================================================
 # 4. OPTIONS (common.py part 4): bad values, protocol defaults, --epochs scaling, --recipe paper, stored settings
 # =================================================================================================
@@ -1617,6 +1685,24 @@ def test_resume_with_other_settings_is_refused_naming_the_mismatch(data, tmp_pat
         run_main("baseline", *TINY, "--arch", "resnet14", "--data-dir", data, "--epochs", 2, "--schedule", 1,
                  "--out", out, "--resume")
     assert "--arch 'resnet8' (checkpoint) vs 'resnet14' (now)" in capsys.readouterr().err
+
+
+# ---- one load_teacher, in common.py
+
+def test_teacher_loading_lives_in_common_only():
+    for mod in (kd, sokd, reviewkd):
+        assert not hasattr(mod, "load_teacher") and not hasattr(mod, "_train_teacher_hint"), mod.__name__
+        assert "common.load_teacher(" in _source(mod.__name__)
+
+
+@pytest.mark.parametrize("default", ["resnet110", "wrn_40_2"])
+def test_load_teacher_names_the_default_teacher_when_no_arch_is_given(default, tmp_path):
+    kw = {} if default == "resnet110" else {"default_arch": default}
+    with pytest.raises(ValueError) as e:
+        common.load_teacher(str(tmp_path / "nope.pt"), None, "cifar100", 100, **kw)
+    msg = str(e.value)
+    assert "nope.pt" in msg and f"python baseline.py --arch {default} --dataset cifar100" in msg
+    assert f"runs/baseline-{default}-cifar100-s0/checkpoint.pt" in msg and "--teacher PATH" in msg
 
 
 # =================================================================================================
@@ -2838,6 +2924,130 @@ def test_no_top_level_name_of_this_file_is_defined_twice():
     assert not sorted({n for n in names if names.count(n) > 1})
 
 
+# ---- one loss convention: (total, {term: value})
+
+def _loss_cases():
+    """(name, call, term names in logged order, the trained terms' sum as the loss computes it)."""
+    g = torch.Generator().manual_seed(0)
+    z = [Z1, Z2, Z3]
+    gate = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    alpha = torch.rand(2, 3, 3, generator=g).softmax(-1)
+    memory = F.normalize(torch.randn(3, 8, 4, generator=g), dim=2)
+    emb = F.normalize(torch.randn(3, 2, 4, generator=g), dim=2)
+    maps = [_ffsd_maps(g), _ffsd_maps(g)]
+    sd_t = [[torch.rand(2, 2, 4, 4, generator=g), torch.rand(2, 3, 2, 2, generator=g)]]
+    f_f, tf, cat = torch.rand(2, 4, 1, 3, generator=g), torch.rand(2, 8, 1, 3, generator=g), torch.rand(2, 8, 1, 3)
+    levels = [torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 1, 1, generator=g)]
+    t_levels = [torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 1, 1, generator=g)]
+    s = lambda t, *k: sum(t[n] for n in k)  # noqa: E731
+    return [
+        ("dml", lambda: dml.dml_loss(z, Y, 2.0), ["ce", "kd"], lambda t: s(t, "ce", "kd")),
+        ("cl", lambda: cl.cl_loss(z, Y, 2.0, 0.5), ["ce", "kd"], lambda t: s(t, "ce", "kd")),
+        ("kdcl", lambda: kdcl.kdcl_loss(z, Y, 3.0, 0.7, "minlogit"), ["ce", "kd"], lambda t: s(t, "ce", "kd")),
+        ("one", lambda: one.one_loss(z, gate, Y, 3.0, 0.4), ["ce", "ce_e", "kd"],
+         lambda t: s(t, "ce", "ce_e", "kd")),
+        ("okddip", lambda: okddip.okddip_loss(z, Z1.flip(1), alpha, Y, 3.0, 0.4), ["ce", "ce_l", "kd", "kd_l"],
+         lambda t: s(t, "ce", "ce_l", "kd", "kd_l")),
+        ("ffl", lambda: ffl.ffl_loss([Z1, Z2], Z3, Y, 3.0, 0.4), ["ce", "ce_f", "kd", "fusion"],
+         lambda t: s(t, "ce", "ce_f", "kd", "fusion")),
+        ("pcl", lambda: pcl.pcl_loss(z, Z1.flip(1), [Z3, Z1, Z2], Y, 3.0, 0.4), ["ce", "ce_e", "kd", "ema"],
+         lambda t: s(t, "ce_e", "ce", "kd", "ema")),
+        ("mcl", lambda: mcl.mcl_loss(z, memory, emb, torch.tensor([0, 5]), torch.tensor([[1, 2], [3, 4]]), Y,
+                                     3.0, 0.1, 1.0, 0.025), ["ce", "dot", "nce"],
+         lambda t: t["ce"] + 1.0 * t["dot"] + 0.025 * t["nce"]),
+        ("sokd", lambda: sokd.sokd_loss(Z1, Z2, Z3, Y, 4.0), ["ce", "kd", "ce_b", "kd_b"],
+         lambda t: s(t, "ce", "kd") + s(t, "ce_b", "kd_b")),
+        ("sokd-kd_t", lambda: sokd.sokd_loss(Z1, Z2, Z3, Y, 4.0, 0.5), ["ce", "kd", "ce_b", "kd_b", "kd_t"],
+         lambda t: s(t, "ce", "kd", "kd_t") + s(t, "ce_b", "kd_b")),
+        ("ffsd-students", lambda: ffsd.student_loss([Z1, Z2], maps, sd_t, Y, 2.0, 0.3), ["ce", "kd", "div", "sd"],
+         lambda t: s(t, "ce", "kd", "div", "sd")),
+        ("ffsd-fusion", lambda: ffsd.fusion_loss(Z3, [Z1, Z2], Y, 2.0), ["ce_f", "fusion"],
+         lambda t: s(t, "ce_f", "fusion")),
+        ("ffsd-leader", lambda: ffsd.leader_loss(Z1.flip(1), _ffsd_maps(g), tf, Z3, f_f, cat, sd_t[0], Y, 2.0, 7.0),
+         ["ce_l", "kd_l", "fuse_l", "trans_l", "sd_l"], lambda t: s(t, "ce_l", "kd_l", "fuse_l", "trans_l", "sd_l")),
+        ("oeckd", lambda: oeckd.oeckd_loss(z, torch.tensor(0.8), Y, 2.0, 0.7, 0.15, 0.15), ["ce", "feat", "kd", "ce_e"],
+         lambda t: s(t, "ce", "feat", "kd")),  # ce_e: logged, not trained
+        ("kd", lambda: kd.kd_loss(Z1, Z2, Y, 4.0), ["ce", "kd"], lambda t: s(t, "ce", "kd")),
+        ("reviewkd", lambda: reviewkd.reviewkd_loss(Z1, levels, t_levels, Y, 0.5), ["ce", "hcl"],
+         lambda t: s(t, "ce", "hcl")),
+    ]
+
+
+LOSS_CASES = ("dml", "cl", "kdcl", "one", "okddip", "ffl", "pcl", "mcl", "sokd", "sokd-kd_t", "ffsd-students",
+              "ffsd-fusion", "ffsd-leader", "oeckd", "kd", "reviewkd")  # _loss_cases' names (its helpers come later)
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+def test_every_loss_function_returns_its_total_and_named_terms(name):
+    """One convention in every method file: (total, {term: value}), the terms named as log.csv's columns
+    and in their order, the total their sum as the loss adds them (bit for bit)."""
+    cases = {c[0]: c[1:] for c in _loss_cases()}
+    assert list(cases) == list(LOSS_CASES)
+    call, names, trained = cases[name]
+    total, terms = call()
+    assert isinstance(terms, dict) and list(terms) == names
+    assert total.dim() == 0 and all(v.dim() == 0 for v in terms.values())
+    assert torch.equal(total, trained(terms))
+
+
+# ---- common.py reads top to bottom
+
+def _defs(tree):
+    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_common_names_its_parts_in_order_and_train_step_on_its_first_screen():
+    src = _source("common")
+    first_screen = "\n".join(src.splitlines()[:50])
+    assert "train_step" in first_screen and "evaluate" in first_screen and "final.json" in first_screen
+    parts = ["BACKBONES", "DATA", "LOOP", "OPTIONS", "RUN FOLDER", "BENCH"]
+    doc = ast.get_docstring(ast.parse(src))
+    assert [doc.index(f"{i}. {p}") for i, p in enumerate(parts, 1)] == \
+        sorted(doc.index(f"{i}. {p}") for i, p in enumerate(parts, 1))
+    banners = re.findall(r"^# =+\n# (\d)\. ([A-Z ]+?)(?::|\n)", src, re.M)
+    assert [(int(n), name) for n, name in banners] == list(enumerate(parts, 1))
+
+
+def test_train_is_an_outline_of_phases_of_at_most_40_lines():
+    defs = _defs(ast.parse(_source("common")))
+    train = defs["_train"]
+    called = [n.func.id for n in ast.walk(train) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    phases = ["_loaders", "_optimizers", "_step_model", "_start", "_epoch", "_save_checkpoint", "_finish"]
+    assert all(p in called for p in phases)
+    for name in ["_train", *phases, "_steps", "train_step", "evaluate"]:
+        assert defs[name].end_lineno - defs[name].lineno + 1 <= 40, name
+    # top-down: each phase comes after _train, in the order _train calls it
+    assert [defs[p].lineno for p in phases] == sorted(defs[p].lineno for p in phases)
+    assert train.lineno < defs["_loaders"].lineno and defs["_steps"].lineno < defs["train_step"].lineno
+
+
+def test_the_sets_of_option_names_stand_together_in_options_with_a_comment_each():
+    src = _source("common")
+    lines = src.splitlines()
+    options, run_folder = src.index("# 4. OPTIONS"), src.index("# 5. RUN FOLDER")
+    at = {}
+    for name in ("MARKER", "RUN_CONTROL", "INHERITED", "RUN_SETTINGS", "RECORDS", "_LEGACY_ARGS"):
+        i = next(k for k, ln in enumerate(lines) if ln.startswith(name + " = "))
+        assert options < src.index(lines[i]) < run_folder, name
+        assert lines[i - 1].startswith("# "), name  # its one comment says how it differs
+        at[name] = i
+    assert max(at.values()) - min(at.values()) < 30
+
+
+def test_common_imports_no_method_file_and_each_method_only_common():
+    def local_imports(name):
+        mods = set()
+        for n in ast.walk(ast.parse(_source(name))):
+            if isinstance(n, ast.Import):
+                mods |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom):
+                mods.add((n.module or "").split(".")[0])
+        return {m for m in mods if os.path.exists(os.path.join(HERE, m + ".py"))}
+    assert local_imports("common") == set()
+    for name in METHODS:
+        assert local_imports(name) == {"common"}, name
+
+
 # =================================================================================================
 # 9. BASELINE (baseline.py): the loop's reference runs
 # baseline.py is the loop with a plain CE: its end to end, resume and DDP runs test the loop itself.
@@ -2901,7 +3111,8 @@ def test_dml_three_peers_loss_matches_hand_computation():
     y, T = [0, 2], 2.0
     ce = sum(_hand_ce(zk, y) for zk in z)
     kl = sum(_hand_kd(z[k], z[l], T) for k in range(3) for l in range(3) if l != k) / 2  # 1/(K-1)
-    total, ce_t, kl_t = dml.dml_loss([torch.tensor(zk) for zk in z], torch.tensor(y), T)
+    total, terms = dml.dml_loss([torch.tensor(zk) for zk in z], torch.tensor(y), T)
+    ce_t, kl_t = terms["ce"], terms["kd"]
     assert ce_t.item() == pytest.approx(ce, rel=1e-5)
     assert kl_t.item() == pytest.approx(kl, rel=1e-5)
     assert total.item() == pytest.approx(ce + kl, rel=1e-5)
@@ -2919,7 +3130,7 @@ def test_dml_kd_sends_no_gradient_into_the_target_peer():
     assert peers[0].fc.weight.grad.abs().sum() > 0
     # in the whole loss, peer k's logits get gradient from its own CE and its own KD terms only
     z = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
-    dml.dml_loss(z, y, 2.0)[2].backward()
+    dml.dml_loss(z, y, 2.0)[1]["kd"].backward()
     for k in range(3):
         zk = z[k].detach().requires_grad_()
         own = sum(dml.kd(zk, z[l].detach(), 2.0) for l in range(3) if l != k) / 2
@@ -3272,14 +3483,15 @@ def test_kdcl_loss_matches_hand_computation():
     kl = lam * (_hand_kd(z[0], t, T) + _hand_kd(z[1], t, T))
     logits = [torch.tensor(zi) for zi in z]
     assert torch.equal(kdcl.soft_target(torch.stack(logits), torch.tensor(y), "minlogit"), torch.tensor(t))
-    total, ce_t, kl_t = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "minlogit")
+    total, terms = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "minlogit")
+    ce_t, kl_t = terms["ce"], terms["kd"]
     assert ce_t.item() == pytest.approx(ce, rel=1e-5)
     assert kl_t.item() == pytest.approx(kl, rel=1e-5)
     assert total.item() == pytest.approx(ce + kl, rel=1e-5)
     # general with weights (0.25, 0.75): the weighted sum of logits
     w = torch.tensor([0.25, 0.75])
     tg = [[0.25 * a + 0.75 * b for a, b in zip(r1, r2)] for r1, r2 in zip(*z)]
-    _, _, kl_g = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "general", w)
+    kl_g = kdcl.kdcl_loss(logits, torch.tensor(y), T, lam, "general", w)[1]["kd"]
     assert kl_g.item() == pytest.approx(lam * (_hand_kd(z[0], tg, T) + _hand_kd(z[1], tg, T)), rel=1e-5)
 
 
@@ -3348,7 +3560,7 @@ def test_kdcl_kd_sends_no_gradient_into_the_target(variant):
     Z, y = _kdcl_logits(m=3)
     w = torch.tensor([0.5, 0.3, 0.2])
     z = [zi.clone().requires_grad_() for zi in Z]
-    kdcl.kdcl_loss(z, y, 3.0, 0.7, variant, w)[2].backward()
+    kdcl.kdcl_loss(z, y, 3.0, 0.7, variant, w)[1]["kd"].backward()
     zt = kdcl.soft_target(Z, y, variant, w)
     for zi in z:
         leaf = zi.detach().requires_grad_()
@@ -3458,7 +3670,8 @@ def test_one_teacher_is_the_gate_weighted_sum_on_fixed_tensors():
 def test_one_loss_matches_hand_computation():
     g = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
     logits, T, w = [Z1, Z2, Z3], 3.0, 0.4
-    total, ce, ce_e, kl = one.one_loss(logits, g, Y, T, w)
+    total, terms = one.one_loss(logits, g, Y, T, w)
+    ce, ce_e, kl = terms["ce"], terms["ce_e"], terms["kd"]
     z_e = torch.stack([0.2 * Z1[0] + 0.3 * Z2[0] + 0.5 * Z3[0], 0.6 * Z1[1] + 0.1 * Z2[1] + 0.3 * Z3[1]])
     assert ce.item() == pytest.approx(sum(_oneffl_ce(z, Y) for z in logits), rel=1e-5)
     assert ce_e.item() == pytest.approx(_oneffl_ce(z_e, Y), rel=1e-5)
@@ -3473,14 +3686,14 @@ def test_one_kd_sends_no_gradient_into_teacher_or_gate_but_teacher_ce_does():
     logits = [z.clone().requires_grad_() for z in (Z1, Z2, Z3)]
     g = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], requires_grad=True)
     T = 3.0
-    _, _, _, kl = one.one_loss(logits, g, Y, T, 1.0)
+    kl = one.one_loss(logits, g, Y, T, 1.0)[1]["kd"]
     kl.backward()
     assert g.grad is None or not g.grad.any()  # no path through the teacher into the gate
     z_e = one.teacher_logits([z.detach() for z in logits], g.detach())
     for z in logits:
         want = T * ((z.detach() / T).softmax(1) - (z_e / T).softmax(1)) / len(z)
         assert torch.allclose(z.grad, want, atol=1e-6)
-    _, _, ce_e, _ = one.one_loss(logits, g, Y, T, 1.0)
+    ce_e = one.one_loss(logits, g, Y, T, 1.0)[1]["ce_e"]
     ce_e.backward()
     assert g.grad.abs().sum() > 0
 
@@ -4013,7 +4226,8 @@ def test_okddip_resume_reproduces_an_uninterrupted_run(small_data, tmp_path, okd
 
 def test_ffl_loss_matches_hand_computation():
     logits, fused, T, w = [Z1, Z2], Z3, 3.0, 0.25
-    total, ce, ce_f, kl, fusion = ffl.ffl_loss(logits, fused, Y, T, w)
+    total, terms = ffl.ffl_loss(logits, fused, Y, T, w)
+    ce, ce_f, kl, fusion = terms["ce"], terms["ce_f"], terms["kd"], terms["fusion"]
     ens = (Z1 + Z2) / 2
     assert ce.item() == pytest.approx(_oneffl_ce(Z1, Y) + _oneffl_ce(Z2, Y), rel=1e-5)
     assert ce_f.item() == pytest.approx(_oneffl_ce(Z3, Y), rel=1e-5)
@@ -4509,17 +4723,19 @@ def test_sokd_losses_match_hand_computation():
     z_a, z_t, z_s = (torch.randn(4, 5, generator=g) * 3 for _ in range(3))
     y = torch.tensor([0, 3, 1, 4])
     ce = lambda z: -z.log_softmax(1)[torch.arange(4), y].mean()
-    total, ce_b, kd_b = sokd.bridge_loss(z_a, z_t, z_s, y, 4.0)
+    total, terms = sokd.bridge_loss(z_a, z_t, z_s, y, 4.0)
+    ce_b, kd_b = terms["ce_b"], terms["kd_b"]
     assert ce_b.item() == pytest.approx(ce(z_a).item(), rel=1e-5)
     by_hand = _sokd_kd_by_hand(z_a, z_t, 4) + _sokd_kd_by_hand(z_a, z_s, 4)
     assert kd_b.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert total.item() == pytest.approx(ce_b.item() + kd_b.item(), rel=1e-6)
-    total, ce_s, kl, kl_t = sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.5)
+    total, terms = sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.5)
+    ce_s, kl, kl_t = terms["ce"], terms["kd"], terms["kd_t"]
     assert ce_s.item() == pytest.approx(ce(z_s).item(), rel=1e-5)
     assert kl.item() == pytest.approx(_sokd_kd_by_hand(z_s, z_a, 4).item(), rel=1e-5)
     assert kl_t.item() == pytest.approx(0.5 * _sokd_kd_by_hand(z_s, z_t, 4).item(), rel=1e-5)
     assert total.item() == pytest.approx(ce_s.item() + kl.item() + kl_t.item(), rel=1e-6)
-    assert sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.0)[3].item() == 0.0
+    assert "kd_t" not in sokd.student_loss(z_s, z_a, z_t, y, 4.0, 0.0)[1]  # logged only when its weight is > 0
 
 
 # ---- sokd: gradient flow
@@ -4638,6 +4854,13 @@ def test_sokd_end_to_end_with_a_baseline_teacher_and_export(tmp_path):
         assert not torch.allclose(net(x), model.heads(x)["teacher"], atol=1e-3)
 
 
+# ---- sokd_loss's terms
+
+def test_sokd_student_loss_logs_kd_t_only_with_a_weight():
+    total, terms = sokd.student_loss(Z1, Z2, Z3, Y, 4.0, 0.0)
+    assert list(terms) == ["ce", "kd"] and torch.equal(total, terms["ce"] + terms["kd"])
+
+
 # =================================================================================================
 # 19. FFSD (ffsd.py)
 # =================================================================================================
@@ -4754,7 +4977,7 @@ def test_ffsd_student_fusion_and_leader_losses_match_hand_computations():
     T, l_div, l_fus = 2.0, 0.3, 7.0
     maps = [_ffsd_maps(g), _ffsd_maps(g)]
     sd_targets = [[torch.rand(2, 2, 4, 4, generator=g), torch.rand(2, 3, 2, 2, generator=g)]]
-    t = ffsd.student_loss([Z1, Z2], maps, sd_targets, Y, T, l_div)
+    t = ffsd.student_loss([Z1, Z2], maps, sd_targets, Y, T, l_div)[1]
     z1, z2, y = Z1.tolist(), Z2.tolist(), Y.tolist()
     assert t["ce"].item() == pytest.approx(_hand_ce(z1, y) + _hand_ce(z2, y), rel=1e-5)
     assert t["kd"].item() == pytest.approx(_hand_kd(z1, z2, T) + _hand_kd(z2, z1, T), rel=1e-5)  # / (M-1) = 1
@@ -4765,7 +4988,7 @@ def test_ffsd_student_fusion_and_leader_losses_match_hand_computations():
     sd = sum(_ffsd_hand_at(_ffsd_hand_attention(m), _ffsd_hand_attention(s)) for m, s in zip(maps[1], sd_targets[0]))
     assert t["sd"].item() == pytest.approx(l_div * sd, rel=1e-5)  # weighted by l_div (official)
 
-    f = ffsd.fusion_loss(Z3, [Z1, Z2], Y, T)
+    f = ffsd.fusion_loss(Z3, [Z1, Z2], Y, T)[1]
     ens = ((Z1 + Z2) / 2).tolist()
     assert f["ce_f"].item() == pytest.approx(_hand_ce(Z3.tolist(), y), rel=1e-5)
     assert f["fusion"].item() == pytest.approx(_hand_kd(Z3.tolist(), ens, T), rel=1e-5)
@@ -4774,7 +4997,7 @@ def test_ffsd_student_fusion_and_leader_losses_match_hand_computations():
     tf, f_f, cat = torch.rand(2, 8, 1, 3, generator=g), torch.rand(2, 4, 1, 3, generator=g), torch.rand(2, 8, 1, 3)
     sd_l = [torch.rand(2, 2, 4, 4, generator=g), torch.rand(2, 3, 2, 2, generator=g)]
     zl = Z1.flip(1)
-    t = ffsd.leader_loss(zl, maps_l, tf, Z3, f_f, cat, sd_l, Y, T, l_fus)
+    t = ffsd.leader_loss(zl, maps_l, tf, Z3, f_f, cat, sd_l, Y, T, l_fus)[1]
     assert t["ce_l"].item() == pytest.approx(_hand_ce(zl.tolist(), y), rel=1e-5)
     assert t["kd_l"].item() == pytest.approx(_hand_kd(zl.tolist(), Z3.tolist(), T), rel=1e-5)
     assert t["fuse_l"].item() == pytest.approx(
@@ -4792,7 +5015,7 @@ def test_ffsd_mutual_kd_sends_no_gradient_into_the_target_student():
     g = torch.Generator().manual_seed(7)
     logits = [Z1.clone().requires_grad_(), Z2.clone().requires_grad_()]
     T = 2.0
-    ffsd.student_loss(logits, [_ffsd_maps(g), _ffsd_maps(g)], [[m for m in _ffsd_maps(g)[:2]]], Y, T, 0.0)["kd"].backward()
+    ffsd.student_loss(logits, [_ffsd_maps(g), _ffsd_maps(g)], [[m for m in _ffsd_maps(g)[:2]]], Y, T, 0.0)[1]["kd"].backward()
     for z, other in ((logits[0], Z2), (logits[1], Z1)):
         want = T * ((z.detach() / T).softmax(1) - (other / T).softmax(1)) / 2
         assert torch.allclose(z.grad, want, atol=1e-6)
@@ -5059,8 +5282,8 @@ def test_oeckd_loss_matches_hand_computation(T, w):
     z_e = [[sum(z[i][c] for z in HAND_Z) / 3 for c in range(3)] for i in range(2)]  # mean logits
     ce = w[0] * sum(_hand_ce(z, HAND_Y) for z in HAND_Z)
     kl = w[2] * sum(_hand_kd(z, z_e, T) for z in HAND_Z)  # every student, the full-size one included
-    total, ce_t, feat_t, kl_t, ce_e = oeckd.oeckd_loss([torch.tensor(z) for z in HAND_Z], torch.tensor(feat),
-                                                       torch.tensor(HAND_Y), T, *w)
+    total, terms = oeckd.oeckd_loss([torch.tensor(z) for z in HAND_Z], torch.tensor(feat), torch.tensor(HAND_Y), T, *w)
+    ce_t, feat_t, kl_t, ce_e = terms["ce"], terms["feat"], terms["kd"], terms["ce_e"]
     assert ce_t.item() == pytest.approx(ce, rel=1e-5)
     assert kl_t.item() == pytest.approx(kl, rel=1e-5)
     assert feat_t.item() == pytest.approx(w[1] * feat, rel=1e-6)
@@ -5119,7 +5342,7 @@ def test_oeckd_kd_reaches_each_student_from_its_own_term_only():
     x, y = small_batch()
     h = m.stem(x)
     logits = [oeckd.stage_maps(s, h)[0] for s in m.students]
-    kl = oeckd.oeckd_loss(logits, torch.zeros(()), y, 2.0, 0.0, 0.0, 1.0)[3]
+    kl = oeckd.oeckd_loss(logits, torch.zeros(()), y, 2.0, 0.0, 0.0, 1.0)[1]["kd"]
     grads = torch.autograd.grad(kl, logits)
     z_e = torch.stack(logits).mean(0).detach()
     for k, z in enumerate(logits):
@@ -5350,11 +5573,13 @@ def test_kd_loss_matches_hand_computation():
     z_s = [[1.0, 0.0, -1.0, 2.0], [0.5, 2.0, 0.0, -0.3]]
     z_t = [[3.0, -1.0, 0.2, 0.0], [-0.5, 1.0, 2.5, 0.1]]
     y = [3, 2]
-    total, ce, kl = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 4.0)
+    total, terms = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 4.0)
+    ce, kl = terms["ce"], terms["kd"]
     assert ce.item() == pytest.approx(0.1 * _hand_ce(z_s, y), rel=1e-5)
     assert kl.item() == pytest.approx(0.9 * _hand_kd(z_s, z_t, 4.0), rel=1e-5)  # T^2 KL, batch mean
     assert total.item() == pytest.approx(ce.item() + kl.item(), rel=1e-6)
-    total, ce, kl = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 2.0, 1.0, 0.5)
+    total, terms = kd.kd_loss(torch.tensor(z_s), torch.tensor(z_t), torch.tensor(y), 2.0, 1.0, 0.5)
+    ce, kl = terms["ce"], terms["kd"]
     assert (ce.item(), kl.item()) == (pytest.approx(_hand_ce(z_s, y), rel=1e-5),
                                       pytest.approx(0.5 * _hand_kd(z_s, z_t, 2.0), rel=1e-5))
 
