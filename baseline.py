@@ -6,6 +6,7 @@ checkpoint that sokd.py loads (runs/baseline-<arch>-<dataset>-s<seed>/checkpoint
     loss = CE(z, y)
 
     python baseline.py --arch resnet32 --dataset cifar100 --gpus 0
+    python baseline.py --arch wrn_40_2 --dataset cifar100 --recipe paper   # SOKD's teacher recipe (PAPER)
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch.nn as nn

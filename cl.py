@@ -14,20 +14,19 @@ heads above it. One head alone is deployed, at the backbone's cost.
                                             +-- stage3 + fc --> z_4     x 1/k backward
     so stem..stage1 gets 1/4 of the sum of the four heads' gradients, each stage2 copy 1/2 of its pair's.
 
-Loss:  sum_h [ beta CE(z_h, y) + (1 - beta) T^2 KL(p^T(t_h) || p^T(z_h)) ],  t_h = 1/(H-1) sum_{j != h} z_j,
+Loss:  sum_h [ beta CE(z_h, y) + (1 - beta) KD(z_h <- t_h) ],  t_h = 1/(H-1) sum_{j != h} z_j,
        t_h detached; beta = 0.5, T = 2; no ramp-up.
 
 Deviations from the paper, and choices (no official code; the public re-implementations disagree):
-  1. What was confirmed where. The stored copy of the paper (ar5iv 1805.11761) could be read only up
-     to its introduction: the abstract confirms heads of one network trained on the same data, the
-     consensus of the other heads' views as supplementary supervision, and ILR sharing with
-     backpropagation rescaling that aggregates the heads' gradient flows into the shared layers.
-     NOT confirmed in the paper's text: T = 2, beta = 0.5 (hard and soft weights summing to 1),
-     the T^2 factor, the split points, and that 4 heads with hierarchical sharing is its best
-     setting (MCL-OKD's choice, not the paper's text as read). T = 2 and beta = 0.5 are where two
-     re-implementations agree, both written after the paper: winycg/MCL-OKD main_cifar_cl_ilr.py
-     (--kd_T 2; 0.5 CE + 0.5 T^2 KL per head) and qq456cvb/Collaborative-Learning main.py (T = 2,
-     beta = 0.5).
+  1. What the paper's abstract and introduction (arXiv 1805.11761) confirm: heads of one network
+     trained on the same data, the consensus of the other heads' views as supplementary supervision,
+     and ILR sharing with backpropagation rescaling that aggregates the heads' gradient flows into
+     the shared layers. Taken from the re-implementations, not from those sections of the paper:
+     T = 2, beta = 0.5 (hard and soft weights summing to 1), the T^2 factor, the split points, and
+     4 heads with hierarchical sharing as the setting (MCL-OKD's choice). T = 2 and beta = 0.5 are
+     where two re-implementations agree, both written after the paper: winycg/MCL-OKD
+     main_cifar_cl_ilr.py (--kd_T 2; 0.5 CE + 0.5 T^2 KL per head) and qq456cvb/Collaborative-Learning
+     main.py (T = 2, beta = 0.5).
   2. The soft target t_h is detached, as in MCL-OKD and in qq456cvb (main.py line 106:
      q = tf.stop_gradient(q); its current README says so too; an older README said the gradient
      passed through q, which the code has not done since commit c1c4a73). DefangChen/OKDDip
@@ -55,7 +54,7 @@ Deviations from the paper, and choices (no official code; the public re-implemen
      cosine cycle over the 300 epochs (pass --cosine). beta = 0.5 halves the per-head loss against
      methods weighting CE and KD by 1 (ONE, OKDDip), so weight decay weighs twice as much relatively.
      Under SGD, twice the loss is exactly twice --lr with half --wd: `--lr 0.2 --wd 2.5e-4` trains CL
-     with CE and KD weighted 1 and 1. In the README's short CPU runs this alone moved CL by ~3 points.
+     with CE and KD weighted 1 and 1. With no official code, `--recipe paper` changes nothing.
   7. The backpropagation rescaling is an autograd.Function (ScaleGrad); --no-rescale sums the
      heads' gradients unscaled at every split (an ablation).
   8. "ensemble" is the mean of all H heads' logits; MCL-OKD's test-time "ensemble" is the mean of
@@ -67,6 +66,7 @@ backbone's size) and "ensemble" = mean of the heads' logits.
 
     python cl.py --arch resnet32 --dataset cifar100 --gpus 0
     python cl.py --arch resnet32 --sharing simple --T 3            # OKDDip's variant, without its ramp
+    python cl.py --arch resnet32 --dataset cifar100 --recipe paper   # = the protocol
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch

@@ -1,21 +1,50 @@
-"""Shared parts of the online-distillation scripts: backbones, on-device CIFAR data, the loop.
+"""Shared parts of the online-distillation scripts: backbones, on-device data, the loop, the options.
 
 A method file (dml.py, one.py, ...) holds the whole of its method: its losses, its extra
-modules and its training step. This file holds what a reader of a method does not need to see:
+modules and its training step. This file holds what a reader of a method does not need to see;
+copy a method file next to it and it runs. Its parts, in reading order:
 
-  1. BACKBONES  32x32 classifiers by name, each a sequence of stages + pool + linear head, so a
-                method can share the first stages and give every branch its own copy of the rest;
-                torchvision's ImageNet ResNet-18/34/50 and MobileNetV2 cut into stages the same way.
-  2. DATA       CIFAR-10/100 held on the training device as uint8, shuffled, cropped, flipped and
-                normalised there in batches; k augmented views per batch on request. ImageNet-style
-                folders (--dataset imagenet) through DataLoader workers, with the same interface.
-  3. LOOP       optimizer, schedule, DDP, bf16 autocast, logging, checkpoints, resume, final.json.
+  1. BACKBONES   32x32 classifiers by name, each a sequence of stages + pool + linear head, so a
+                 method can share the first stages and give every branch its own copy of the rest;
+                 torchvision's ImageNet ResNet-18/34/50 and MobileNetV2 cut into stages the same way.
+  2. DATA        CIFAR-10/100 held on the training device as uint8, shuffled, cropped, flipped and
+                 normalised there in batches; k augmented views per batch on request. ImageNet-style
+                 folders (--dataset imagenet) through DataLoader workers, with the same interface.
+  3. LOOP        run(), the training process(es), _train and its phases, train_step, evaluate, logging:
+                 optimizer, schedule, DDP, bf16 autocast, checkpoints, resume, final.json.
+  4. OPTIONS     the parser and its checks, the protocol's defaults, --recipe paper, the settings a
+                 --resume takes from its run, the sets of option names; teacher checkpoints (kd.py,
+                 sokd.py, reviewkd.py: load_teacher, check_teacher).
+  5. RUN FOLDER  what a run may write where: the lock, atomic writes, --force, how Ctrl-C stops a run.
+  6. BENCH       --bench N: images/s of the loop and of the bare step, on synthetic data.
+
+The loop in one screen (part 3): who calls whom, and a method's hooks (<-) in the order they run.
+
+  run(args, Method)              checks, the run folder locked; one line however it ends
+    Method(args, num_classes)    built once here, so that its errors come first   <- __init__
+    _check_data                  batch size, holdout, labels, memory              <- min_batch, check_data,
+                                                                                     memory_needed
+    _worker                      this process (--gpus 0,1,...: one per device, by _launch and _child)
+      _train                     the method on its device, then the phases:
+        _loaders                 train / test / holdout batches on the device     <- views, holdout
+                                                                                  <- on_data(train_labels)
+        _optimizers              SGD of the param groups (or the method's own),   <- param_groups(wd),
+                                 and a second optimizer when it has one              make_optimizer,
+                                                                                     extra_optimizer
+        _start                   --resume's checkpoint, run.json, the first lines <- resolved
+        for each epoch, _epoch:  the lr of the schedule                           <- on_epoch(epoch, holdout)
+          _steps -> train_step   forward -> (loss, {term: value}), backward,      <- forward(x, y, idx, epoch)
+                                 optimizer step(s); terms summed on the device    <- after_step()
+          evaluate               top-1 of every head (every --eval-every epochs)  <- heads(x)
+          _save_checkpoint, _log checkpoint.pt, then the epoch's line and log.csv
+        _finish -> _final        training top-1, final.json                       <- deploy, head_params()
 
 A method is an nn.Module with this contract (see dml.py for the smallest real one):
 
     forward(x, y, idx, epoch) -> (loss, {term: value})  one training step's loss. x is a batch of
                                  images, or a tuple of `views` independently augmented batches;
-                                 idx are the samples' indices in the training set.
+                                 idx are the samples' indices in the training set. Every value is
+                                 a tensor (a term that is off: torch.tensor(0.0, device=y.device)).
     heads(x) -> {name: logits}   every head that is evaluated on the test set.
     deploy                       name of the head that is the deployable model.
     head_params() -> {name: n}   parameters a deployed head needs.
@@ -29,7 +58,7 @@ A method is an nn.Module with this contract (see dml.py for the smallest real on
     extra_optimizer()            a second optimizer for parameters left out of param_groups (e.g.
                                  FFSD's Adam-trained decoders): stepped after the SGD step on the same
                                  backward pass, its state saved in checkpoints; the lr schedule is
-                                 applied to the SGD groups only.
+                                 applied to the SGD groups only (on_epoch may apply lr_factor to it).
     after_step()                 called after every optimizer step (EMA teachers, memory banks).
     on_epoch(epoch, holdout)     called at the start of every training epoch (holdout: a Loader or None).
     on_data(train_labels)        called once, before the optimizer and resume, with the training
@@ -70,6 +99,8 @@ import warnings
 from datetime import timedelta
 
 
+# ---- Start-up: a signal while numpy and torch are imported (most of a start-up) is one line, no traceback
+
 def _startup_stop(signum, frame):
     """A signal while a script of this folder starts (importing torch, parsing): one line, no traceback.
     run() replaces this handler with its own (Interrupt) before it touches a run folder."""
@@ -99,6 +130,7 @@ def _install_startup_handlers():
 
 
 _install_startup_handlers()  # before numpy and torch: their import is most of a start-up
+
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -776,345 +808,8 @@ def folder_loaders(args, data, views, holdout, device, rank, world, channels_las
 
 # =================================================================================================
 # 3. LOOP
+# run() -> a training process -> _train's phases -> train_step -> evaluate -> final.json
 # =================================================================================================
-
-# add_arg(check=...): what parse() demands of a value, with the words of its error
-CHECKS = {"positive": (lambda v: v > 0, "must be positive"),
-          "nonneg": (lambda v: v >= 0, "must be non-negative"),
-          "unit": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
-          "two+": (lambda v: v >= 2, "must be at least 2"),
-          # numpy's RandomState takes seeds below 2**32 (the holdout's permutation); torch's generators,
-          # seeded with seed * 1_000_003 + epoch and the like, stay below 2**64 with them
-          "seed": (lambda v: 0 <= v < 2 ** 32, "must lie in [0, 4294967295] (2**32 - 1)")}
-
-
-def add_arg(p, name, check=None, **kw):
-    """Add a --kebab-case option with its --snake_case alias. check: a key of CHECKS, tested by parse()
-    (every float option must also be finite: nan and inf are refused)."""
-    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    action = p.add_argument(*names, **kw)
-    action.check = check
-    return action
-
-
-def _validate(p, args):
-    """Every option's value against its check (and floats against nan/inf): one line, nothing written."""
-    for a in p._actions:
-        v = getattr(args, a.dest, None)
-        if v is None or isinstance(v, bool):
-            continue
-        name = a.option_strings[0] if a.option_strings else a.dest
-        for x in (v if isinstance(v, list) else [v]):
-            if isinstance(x, float) and not math.isfinite(x):
-                p.error(f"argument {name}: {x} is not a finite number")
-            check = getattr(a, "check", None)
-            if check and not CHECKS[check][0](x):
-                p.error(f"argument {name}: {x} {CHECKS[check][1]}")
-
-
-def add_epochs_arg(p, name, protocol_epochs, help):
-    """An option counted in epochs (a ramp-up, a warm-up) whose value under the 300-epoch CIFAR protocol
-    is `protocol_epochs`. Left out, parse() scales it with --epochs: max(1, round(protocol_epochs *
-    epochs / protocol's epochs)); given explicitly, the value given is used as it is."""
-    action = add_arg(p, name, type=int, default=None, check="nonneg", help=f"{help}; when not given: "
-                     f"{protocol_epochs} x epochs/300 on CIFAR (x epochs/90 on imagenet), at least 1")
-    action.protocol_epochs = protocol_epochs
-    return action
-
-
-def _scale(value, epochs, protocol_epochs):
-    """round(value * epochs / protocol_epochs), halves rounded up, in integers."""
-    return (2 * value * epochs + protocol_epochs) // (2 * protocol_epochs)
-
-
-def run_fraction(args, n_train):
-    """This run's optimizer steps as a fraction of the dataset protocol's run (300 epochs of 50,000 CIFAR
-    images at batch 128, or 90 epochs of ImageNet's 1,281,167 at 256). Lengths counted in steps (PCL's
-    EMA horizon) scale by it, so they stay the same fraction of training when a run is shorter."""
-    P = PROTOCOL["imagenet" if args.dataset == "imagenet" else "cifar"]
-    ref = P["epochs"] * math.ceil(P["train_images"] / P["batch_size"])
-    return args.epochs * math.ceil(n_train / args.batch_size) / ref
-
-
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never under --compile's trace
-
-
-def ramp_up(epoch, length=80):
-    """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0.
-    Under --compile it is computed outside the graph and enters it as an input: a value traced into the
-    graph would be a constant guarded on, a recompilation every epoch of the ramp, and after 8 of them
-    (dynamo's recompile limit) the rest of the run in eager mode."""
-    if _is_compiling():
-        return torch.compiler.disable(_ramp_up)(epoch, length)
-    return _ramp_up(epoch, length)
-
-
-def _ramp_up(epoch, length):
-    if length == 0:
-        return 1.0
-    t = min(epoch, length) / length
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def parser(description):
-    """The protocol's command-line options; a method adds its own before parse()."""
-    p = argparse.ArgumentParser(description=description.split("\n\n")[0], allow_abbrev=False,  # exact names:
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)      # see _given()
-    # a negative value in exponent form (--wd -1e-5) is a value, not an unknown option: argparse before
-    # Python 3.13 knows only -1 and -0.5, and would answer "expected one argument" instead of the check's line
-    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    # every refusal is one line: the error without argparse's usage block in front of it
-    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the options)\n")
-    add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
-    add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
-            help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
-    add_arg(p, "--data-dir", default="./data")
-    add_arg(p, "--image-size", type=int, default=None, check="positive", help="imagenet: training crop, 224 when not given; "
-            "evaluation resizes to size*256/224 and center-crops")
-    add_arg(p, "--workers", type=int, default=8, check="nonneg", help="imagenet: DataLoader processes per training process")
-    # None: the dataset's protocol (PROTOCOL), filled in by parse()
-    add_arg(p, "--epochs", type=int, default=None, check="positive", help="when not given: 300 on CIFAR, 90 on imagenet")
-    add_arg(p, "--lr", type=float, default=None, check="positive", help="when not given: 0.1 on CIFAR, 0.1 x batch/256 on imagenet")
-    add_arg(p, "--batch-size", type=int, default=None, check="positive", help="global batch, whatever the number of GPUs; "
-            "when not given: 128 on CIFAR, 256 on imagenet")
-    add_arg(p, "--wd", type=float, default=None, check="nonneg", help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
-    add_arg(p, "--momentum", type=float, default=0.9, check="unit")
-    add_arg(p, "--no-nesterov", action="store_true")
-    add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
-            "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
-    add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
-    add_arg(p, "--padding", default="zeros", choices=["zeros", "reflect"],
-            help="CIFAR random crop: from the image padded by 4 with zeros or mirrored at its edges")
-    add_arg(p, "--norm", default="dataset", choices=["dataset", *NORMS],
-            help="normalisation statistics: the dataset's own, CIFAR-10's on every dataset (SOKD), or the "
-                 "CIFAR-10 mean with the widespread std (0.2023, 0.1994, 0.2010) on every dataset (ONE), or "
-                 "none: pixels in [0, 1] (OEC-KD)")
-    add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
-            help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
-                 "every option not given (each script's PAPER)")
-    add_arg(p, "--seed", type=int, default=0, check="seed")
-    add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
-            "(the log shows '-' in between); 1: every epoch")
-    add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; 'cpu' the CPU (no CUDA: CPU with a warning)")
-    add_arg(p, "--out", default=None, help="run folder (default runs/<method>-<arch>-<dataset>-s<seed>)")
-    add_arg(p, "--resume", action="store_true", help="continue the run in the run folder with its stored settings "
-            "(start it when there is none; a finished run is left as it is)")
-    add_arg(p, "--force", action="store_true", help="start over in an existing run folder (its run files are removed)")
-    add_arg(p, "--amp", action="store_true", help="bf16 autocast on the CPU too (on CUDA it is on by default)")
-    add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA (fp32 throughout)")
-    add_arg(p, "--compile", action="store_true", help="torch.compile the model")
-    add_arg(p, "--bench", type=int, default=0, metavar="N", check="nonneg", help="time N steps on synthetic data, write bench.json")
-    add_arg(p, "--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop as if killed
-    return p
-
-
-# what run.json, final.json, bench.json and checkpoints carry: the mark of a run folder this file made.
-# --force, --resume and --bench act only on a folder with it (or on a new or empty folder, or one an older
-# version of this file made: see classify_run_dir); run_format counts changes of the folder's layout
-MARKER = {"made_by": "online-kd common.py", "run_format": 1}
-
-# options that may change between a run and its --resume; every other option must match (and the marker's
-# keys, records rather than options, which summarize.py therefore never counts as settings)
-RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "amp", "no_amp", "bench", "halt_after",
-               "workers", "eval_every", *MARKER}
-
-# run-control options a bare `--resume` takes from the stored run when they are not given
-INHERITED = {"data_dir", "gpus", "workers", "compile", "amp", "no_amp", "eval_every"}
-
-# the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
-# --schedule left out: the protocol's milestones at the same fractions of --epochs (150/300, 225/300).
-PROTOCOL = {"cifar": {"epochs": 300, "lr": 0.1, "batch_size": 128, "wd": 5e-4, "schedule": [150, 225],
-                      "train_images": 50_000},
-            "imagenet": {"epochs": 90, "lr": None, "batch_size": 256, "wd": 1e-4, "schedule": [30, 60, 80],
-                         "image_size": 224, "train_images": 1_281_167}}
-RUN_SETTINGS = ("epochs", "lr", "batch_size", "wd", "schedule", "image_size")  # what PROTOCOL may fill in
-
-
-def protocol_defaults(p, args):
-    """Fill in the options that were not given with the dataset's PROTOCOL (before any validation).
-    The filled-in values are what checkpoints store, so --resume compares like with like."""
-    imagenet = args.dataset == "imagenet"
-    if not imagenet and args.image_size is not None:
-        p.error("--image-size applies to --dataset imagenet only (CIFAR images are 32x32)")
-    P = PROTOCOL["imagenet" if imagenet else "cifar"]
-    args.scaled = getattr(args, "scaled", None) or []  # options derived from --epochs (named in the first log line)
-    for k in RUN_SETTINGS:
-        if k in P and getattr(args, k) is None:
-            setattr(args, k, list(P[k]) if isinstance(P[k], list) else P[k])
-            if k == "schedule" and args.epochs != P["epochs"]:  # same fractions of a shorter/longer run
-                args.schedule = sorted({m for m in (_scale(m, args.epochs, P["epochs"]) for m in P[k])
-                                        if 0 < m < args.epochs})
-                args.scaled.append("schedule")
-    if args.epochs > 0:
-        for a in p._actions:  # options counted in epochs (ramp-ups): the same fraction of training
-            if hasattr(a, "protocol_epochs") and getattr(args, a.dest) is None:
-                setattr(args, a.dest, max(1, _scale(a.protocol_epochs, args.epochs, P["epochs"])))
-                if getattr(args, a.dest) != a.protocol_epochs:
-                    args.scaled.append(a.dest)
-    if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
-        args.lr = 0.1 * args.batch_size / 256
-
-
-def _given(p, argv):
-    """The dests of the options typed on the command line (exact names: the parser has allow_abbrev=False)."""
-    given = set()
-    for a in p._actions:
-        if any(t == o or t.startswith(o + "=") for t in argv for o in a.option_strings):
-            given.add(a.dest)
-    return given
-
-
-_LOADED = {}  # path -> ((mtime, size), checkpoint): the start reads a checkpoint's settings and data once
-
-
-def _load_once(path):
-    st = os.stat(path)
-    key = (st.st_mtime_ns, st.st_size)
-    if _LOADED.get(path, (None,))[0] != key:
-        _LOADED.clear()
-        _LOADED[path] = (key, load_checkpoint(path))
-    return _LOADED[path][1]
-
-
-def stored_settings(out):
-    """(settings, source) of the run in folder `out`: the checkpoint's arguments when there is one (what
-    the weights were trained with), else run.json's (a run stopped in its first epoch); (None, None)."""
-    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
-    if os.path.isfile(ckpt):
-        return _load_once(ckpt)["args"], "checkpoint"
-    if os.path.isfile(started):
-        try:
-            with open(started) as f:
-                return json.load(f), "run.json"
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot read {started} ({e})") from None
-    return None, None
-
-
-def stored_data(out):
-    """(identity, source): what identified the data of the run in `out` (data_identity): the checkpoint's,
-    else run.json's (checkpoints of older versions do not hold it); (None, None) when none is recorded."""
-    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
-    if os.path.isfile(ckpt):
-        ck = _load_once(ckpt)
-        if isinstance(ck, dict) and isinstance(ck.get("data"), dict):
-            return ck["data"], "checkpoint"
-    rec = _read_json(started)
-    if isinstance(rec, dict) and isinstance(rec.get("data"), dict):
-        return rec["data"], "run.json"
-    return None, None
-
-
-def _merge_stored(p, args, given):
-    """--resume: options not typed take the run's stored values; typed ones must equal them, except a
-    larger --epochs, which extends the run (its stored milestones and ramp-ups stay as they were)."""
-    _check_run_dir_kind(run_dir(args))  # a folder this repository did not make is not read as a run either
-    try:
-        stored, source = stored_settings(run_dir(args))
-    except (RuntimeError, FileNotFoundError) as e:
-        fail(f"--resume: {e}")
-    if stored is None:
-        return False
-    diff = []
-    for k, v in stored.items():
-        if k in INHERITED and k not in given:  # how it ran: the same unless told otherwise
-            setattr(args, k, v)
-        if k in RUN_CONTROL or k in ("method", "resolved", "data", "machine"):  # records, not options
-            continue
-        if k not in given:
-            setattr(args, k, v)
-        elif getattr(args, k, None) != v and not (k == "epochs" and args.epochs > v):
-            diff.append(f"--{k.replace('_', '-')} {v!r} ({source}) vs {getattr(args, k)!r} (now)")
-    if stored.get("method", args.method) != args.method:
-        diff.insert(0, f"method {stored['method']!r} ({source}) vs {args.method!r} (now)")
-    if diff:
-        fail(f"--resume: the run in {run_dir(args)} was made with other settings: " + "; ".join(diff))
-    if args.epochs > stored.get("epochs", args.epochs):
-        args.extended_from = stored["epochs"]
-    return True
-
-
-def apply_recipe(args, paper, given):
-    """--recipe paper: the method's paper recipe (`paper`, a dict of option -> value) for every option
-    not given. Its milestones belong to its own epochs: with another --epochs they scale with it."""
-    if args.recipe != "paper":
-        return
-    for k, v in paper.items():
-        if k not in given:
-            setattr(args, k, list(v) if isinstance(v, list) else v)
-    own = paper.get("epochs", PROTOCOL["cifar"]["epochs"])  # the epochs the recipe's milestones belong to
-    if "schedule" in paper and "schedule" not in given and "epochs" in given and args.epochs != own:
-        args.schedule = sorted({m for m in (_scale(m, args.epochs, own) for m in paper["schedule"])
-                                if 0 < m < args.epochs})
-        args.scaled = ["schedule"]
-
-
-def parse(p, method, argv=None, paper=None):
-    """Parse and validate: every error here happens before anything is written. paper: what --recipe
-    paper sets (the method file's PAPER dict)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
-    args.method = method
-    if args.resume and args.force:
-        p.error("--resume continues a run and --force starts it over: give one of them")
-    if args.amp and args.no_amp:
-        p.error("--amp turns bf16 autocast on (on the CPU too) and --no-amp turns it off: give one of them")
-    if args.out is not None and not args.out.strip():
-        p.error(f"argument --out: {args.out!r} is no folder; give one, or leave --out out for "
-                f"runs/<method>-<arch>-<dataset>-s<seed>")
-    given = typed = _given(p, argv)
-    typed_schedule = args.schedule if "schedule" in typed else None  # before a resume or a recipe fills it in
-    if args.resume and not args.bench and _merge_stored(p, args, given):
-        given = set(vars(args))  # the stored run's values stand; its recipe was applied when it started
-    apply_recipe(args, paper or {}, given)
-    if args.dataset == "imagenet" and (args.padding != "zeros" or args.norm != "dataset"):
-        p.error("--padding and --norm apply to CIFAR (imagenet: RandomResizedCrop, ImageNet statistics)")
-    protocol_defaults(p, args)
-    _validate(p, args)
-    for a in args.arch.split(","):
-        if a not in ARCHS:
-            p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
-    if args.cosine and typed_schedule:  # the cosine decay has no milestones: one of the two would be ignored
-        why = ("--cosine" if "cosine" in typed else
-               "the resumed run's --cosine" if args.resume else f"--recipe paper (the recipe of {method} decays by cosine)")
-        p.error(f"--schedule {' '.join(map(str, typed_schedule))} and {why} contradict: the cosine decay has no "
-                f"milestones; give one of them")
-    s = args.schedule
-    if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
-        p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
-    try:
-        args.devices = _devices(args.gpus)
-    except ValueError as e:
-        p.error(str(e))
-    return args
-
-
-def _devices(gpus):
-    """'0,1' -> ['cuda:0', 'cuda:1']; with no CUDA -> as many 'cpu' entries, with a warning."""
-    if gpus == "cpu":
-        return ["cpu"]
-    ids = [g.strip() for g in gpus.split(",")]
-    if not all(g.isdigit() for g in ids):  # '' and '0,' included: an empty entry is no GPU
-        raise ValueError(f"--gpus {gpus!r}: expected GPU indices like 0 or 0,1,2,3, or 'cpu'")
-    twice = sorted({g for g in ids if ids.count(g) > 1}, key=int)
-    if twice:
-        raise ValueError(f"--gpus {gpus}: GPU {','.join(twice)} given twice; each process needs a GPU of its own "
-                         f"(give each index once)")
-    if not torch.cuda.is_available():
-        print(f"warning: CUDA is not available; training on the CPU ({len(ids)} process(es)) instead of --gpus {gpus}",
-              file=sys.stderr)
-        return ["cpu"] * len(ids)
-    n = torch.cuda.device_count()
-    bad = [g for g in ids if int(g) >= n]
-    if bad:
-        raise ValueError(f"--gpus {gpus}: no GPU {','.join(bad)} (this machine has {n}: 0..{n - 1})")
-    return [f"cuda:{g}" for g in ids]
-
-
-def run_dir(args):
-    arch = args.arch.replace(",", "+")
-    return args.out or os.path.join("runs", f"{args.method}-{arch}-{args.dataset}-s{args.seed}")
-
 
 # ---- How a run ends: one line, and 0 (done, or nothing to do) or one of these exit codes
 EXIT_ERROR = 2      # an error said in one line: a refusal before anything was written (or the start undone)
@@ -1142,584 +837,12 @@ class ProcessDied(RuntimeError):
         self.exit_code = exit_code
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _free_mib(folder):
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**20:.0f}"
-    except OSError:
-        return "?"
-
-
-def _os_cause(e):
-    """The OSError behind e: e itself, or the one a library's error was raised while handling (torch.save
-    turns a failed write into a RuntimeError of its own)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _folder_error(e, path, doing):
-    """A one-line error for OSError e met while `doing` (e.g. 'write') `path`."""
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
-        return DiskFull(f"disk full while trying to {doing} {path}: {_free_mib(folder)} MiB free in {folder}")
-    return RunFolderError(f"cannot {doing} {path} ({e.strerror or e}): choose a writable --out, or fix the "
-                          f"folder's permissions")
-
-
-def _open_temp(fd):
-    return os.fdopen(fd, "wb")
-
-
-def atomic_write(path, write, size_hint=0):
-    """write(f) into a temp file in the same folder (.tmp-<name>-XXXXXXXX), fsync, rename: a crash or a full
-    disk leaves the old file whole, never a 0-byte or truncated one, and no temp file (a killed writer's is
-    removed by the next start in that folder, under its lock). The file gets the umask's mode, like any
-    other file written here. A full disk raises DiskFull naming the folder and the space needed, another OS
-    error RunFolderError, in one line."""
-    folder = os.path.dirname(path) or "."
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
-        os.fchmod(fd, 0o666 & ~_umask()) if hasattr(os, "fchmod") else None  # mkstemp makes it 0600
-        with _open_temp(fd) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        cause = _os_cause(e) if isinstance(e, Exception) else None
-        if cause is None or cause.errno is None:  # not the OS's: a bug in write(), shown as it is
-            raise
-        if cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise DiskFull(f"disk full while writing {path}: {_free_mib(folder)} MiB free in {folder}, "
-                           f"about {max(size_hint, 2**20) / 2**20:.0f} MiB needed") from None
-        raise _folder_error(cause, path, "write") from None
-
-
-def atomic_save(obj, path):
-    """torch.save through atomic_write; the previous file's size is the space a full disk is told to free."""
-    hint = os.path.getsize(path) if os.path.exists(path) else 0
-    atomic_write(path, lambda f: torch.save(obj, f), hint)
-
-
-def atomic_json(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def load_checkpoint(path, what="checkpoint"):
-    """torch.load(weights_only=True) with one-line errors for missing, truncated or unsafe files."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {what} at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"cannot load {what} {path}: not a valid checkpoint or unsafe to unpickle ({first})") from None
-
-
-# ---- Signals: how a run stops (README "When things go wrong")
-
-class Stop(KeyboardInterrupt):
-    """A stop at once: a second signal in training ("again"), or one during start-up ("startup") or the
-    final evaluation ("final"). Unwinds to run(), which says what was kept."""
-
-    def __init__(self, signum, where):
-        super().__init__(signum)
-        self.signum, self.where = signum, where
-
-
-class Stopped(Exception):
-    """The training loop stopped after a step on a signal (every process at the same step): epoch is the
-    0-based epoch it stopped in, kept the epochs in the checkpoint; before_final: all epochs were done."""
-
-    def __init__(self, signum, epoch, kept, before_final=False):
-        super().__init__(signum)
-        self.signum, self.epoch, self.kept, self.before_final = signum, epoch, kept, before_final
-
-
-class Interrupt:
-    """This process's answer to SIGINT, SIGTERM and SIGHUP (those not ignored: under nohup SIGHUP stays
-    ignored), by phase:
-      startup, prepared  stop at once (Stop): nothing of the run exists yet, or the start is undone
-      training           the first signal sets `hit`: the loop stops after the current step (every process
-                         at the same step) and keeps the last full epoch; a second one stops at once
-      final              (the final evaluation and final.json) stop at once: the run is not finished
-      done               final.json is written: the run is finished, the signal changes nothing
-      launcher           (the parent of the --gpus processes) passed on: SIGUSR1 for the first, SIGUSR2 for
-                         the second; the processes stop together and the launcher says how
-    A process started by the launcher (child: the launcher's shared [first, second] signal numbers) ignores
-    INT/TERM/HUP (the launcher got them too); SIGUSR1 counts as a first signal in every phase but final,
-    SIGUSR2 stops at once."""
-
-    def __init__(self, phase="training", child=None, install=True):
-        self.hit, self.done, self.phase, self.child = 0, 0, phase, child  # done: epochs in the checkpoint
-        self.verbose, self.stopping, self.count, self.procs, self.shared = True, False, 0, [], None
-        self._old = {}
-        if install:
-            self.install()
-
-    def install(self):
-        sigs = STOP_SIGNALS if self.child is None else (signal.SIGUSR1, signal.SIGUSR2)
-        for s in sigs:
-            try:
-                if self.child is None and signal.getsignal(s) == signal.SIG_IGN:
-                    continue  # ignored by whoever started us (nohup): left ignored
-                self._old[s] = signal.signal(s, self._handle)
-            except (ValueError, OSError):  # not the main thread
-                pass
-
-    def restore(self):
-        for s, h in self._old.items():
-            try:
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
-            except (ValueError, OSError, TypeError):
-                pass
-        self._old = {}
-
-    def _handle(self, signum=signal.SIGINT, frame=None):
-        if self.phase == "done" or self.stopping:
-            return
-        if self.phase == "launcher":
-            return self._forward(signum)
-        if self.child is not None:
-            again = signum == getattr(signal, "SIGUSR2", None)
-            signum = self.child[1 if again else 0] or signal.SIGTERM  # the launcher's signal (0: it died)
-            if again or self.phase == "final":
-                self._stop(signum, "again" if again else "final")
-            if not self.hit:
-                self._first(signum)
-            return
-        if self.hit and self.phase == "training":
-            self._stop(signum, "again")
-        if self.phase != "training":
-            self._stop(signum, "final" if self.phase == "final" else "startup")
-        self._first(signum)
-
-    def _first(self, signum):
-        self.hit = signum
-        if not self.verbose:
-            return
-        kept = (f"--resume continues from the checkpoint of epoch {self.done}" if self.done else
-                "no epoch is complete yet, so there is no checkpoint: --resume starts the run over from epoch 1")
-        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {_signame(signum)}"
-        print(f"\ninterrupted ({_signame(signum)}): stopping after this step ({kept}); {again} stops at once",
-              flush=True)
-
-    def _stop(self, signum, where):
-        self.stopping = True  # further signals while stopping change nothing
-        raise Stop(signum, where)
-
-    def _forward(self, signum):
-        self.count += 1
-        first = self.count == 1
-        if self.shared is not None:
-            self.shared[0 if first else 1] = signum
-        for p in self.procs:
-            try:
-                os.kill(p.pid, signal.SIGUSR1 if first else signal.SIGUSR2)
-            except (ProcessLookupError, OSError):
-                pass
-
-
-_STOP = None  # this process's Interrupt while run() (or a --gpus process) runs
-
-
-class _Agreement:
-    """Where every process stops: with one process, where its flag is set. Under DDP every step starts an
-    all-reduce (MAX) of the flag (the signal number, 0 for none) on a gloo group of CPU tensors and reads
-    the one started a step before, so that every process breaks after the same step, with no device sync."""
-
-    def __init__(self, world):
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-        self.work = self.buf = None
-
-    def _wait(self):
-        if self.work is None:
-            return 0
-        self.work.wait()
-        self.work = None
-        return int(self.buf.item())
-
-    def __call__(self, flag):
-        if self.group is None:
-            return flag
-        agreed = self._wait()
-        self.buf = torch.tensor([flag], dtype=torch.int64)
-        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return agreed
-
-    def close(self, flag=0):
-        """Wait for the all-reduce in flight, then agree once more on `flag` (a signal since the last step)."""
-        if self.group is None:
-            return flag
-        agreed = self._wait()
-        buf = torch.tensor([flag], dtype=torch.int64)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
-        return max(agreed, int(buf.item()))
-
-
 def fail(msg, code=EXIT_ERROR):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-# ---- The run folder
-
-# files a run writes in its folder: --force removes these (and retired records) and nothing else
-RUN_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json", "bench.json", "improved_teacher.pt")
-_TRAINING_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json")
-_TEMP_FILE = re.compile(r"^\.tmp-(?:(?:" + "|".join(map(re.escape, RUN_FILES)) + r")-)?[a-z0-9_]{8}$")  # atomic_write's
-_RETIRED = re.compile(r"^final-\d+-epochs\.json$")  # the record of a finished run that --epochs then extended
-# what the run.json / final.json args / checkpoint args of every earlier version of this file hold (their
-# options from the first version on), and their bench.json: folders they made carry no MARKER
-_LEGACY_ARGS = {"method", "arch", "dataset", "epochs", "lr", "batch_size", "seed", "gpus", "resume", "force",
-                "halt_after"}
-_LEGACY_BENCH = {"method", "arch", "batch_size", "steps", "images_per_second", "seconds_per_step"}
-_LOCK = None  # the open lock file of this process's run folder, held until the process ends
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _has(d, keys):
-    return isinstance(d, dict) and keys <= d.keys()
-
-
-def classify_run_dir(out):
-    """What `out` is to the commands that write into it, as (kind, why):
-      absent   nothing there yet
-      empty    a folder holding nothing but a lock and atomic_write's temp files
-      ours     run.json, final.json or bench.json carries MARKER: a run (or bench) folder of this repository
-      legacy   made by an earlier version of this file (no marker): its run.json or final.json holds this
-               parser's options, or its bench.json this file's fields; or, as the oldest versions left it,
-               a checkpoint.pt alone whose weights-only load holds those options (it is then treated as a
-               run folder: --resume continues it and writes the marker, --force starts it over)
-      foreign  anything else (why says what was found): nothing is written or removed there
-      file     not a folder;  unreadable: a folder that cannot be listed (why: the OS's words)"""
-    if not os.path.lexists(out):
-        return "absent", ""
-    if not os.path.isdir(out):
-        return "file", ""
-    try:
-        names = [n for n in os.listdir(out) if n != ".lock" and not _TEMP_FILE.match(n)]
-    except OSError as e:
-        return "unreadable", e.strerror or str(e)
-    if not names:
-        return "empty", ""
-    rec = {n: _read_json(os.path.join(out, n)) for n in ("run.json", "final.json", "bench.json") if n in names}
-    if any(isinstance(r, dict) and r.get("made_by") == MARKER["made_by"] for r in rec.values()):
-        return "ours", ""
-    if _has(rec.get("run.json"), _LEGACY_ARGS) or _has((rec.get("final.json") or {}).get("args"), _LEGACY_ARGS) \
-            or _has(rec.get("bench.json"), _LEGACY_BENCH):
-        return "legacy", ""
-    if "checkpoint.pt" in names and not rec:
-        try:
-            ck = _load_once(os.path.join(out, "checkpoint.pt"))
-        except (RuntimeError, OSError) as e:
-            return "foreign", str(e)
-        if isinstance(ck, dict) and "model" in ck and _has(ck.get("args"), _LEGACY_ARGS):
-            return "legacy", ""
-    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
-    return "foreign", f"it holds {shown} and no run.json, final.json or bench.json written by its common.py"
-
-
-def _check_run_dir_kind(out):
-    """Refuse, in one line and before anything is written, a --out that is a file or a folder this
-    repository did not make. Returns classify_run_dir's kind."""
-    kind, why = classify_run_dir(out)
-    if kind == "file":
-        fail(f"--out {out} is a file, not a folder: give a folder for the run")
-    if kind == "unreadable":
-        fail(f"cannot read the run folder {out} ({why}): choose another --out")
-    if kind == "foreign":
-        fail(f"{out} is not a run folder of this repository ({why}); nothing in it was changed: "
-             f"choose another --out")
-    return kind
-
-
-def _finished(out, args):
-    """True when `out` holds a finished run of --epochs (final.json), which --resume leaves as it is."""
-    rec = _read_json(os.path.join(out, "final.json"))
-    return isinstance(rec, dict) and rec.get("epochs") == args.epochs
-
-
-def _remove_temp_files(out):
-    """atomic_write's temp files left by a writer that was killed (a checkpoint's: as large as one)."""
-    gone = []
-    for n in os.listdir(out):
-        if _TEMP_FILE.match(n):
-            try:
-                os.remove(os.path.join(out, n))
-                gone.append(n)
-            except FileNotFoundError:
-                pass
-    return gone
-
-
-def _lock_run_dir(out):
-    """An exclusive lock on out/.lock for this process's whole life: a second process on the same run
-    folder is refused. The OS releases it when the process ends, however it ends (no stale lock)."""
-    global _LOCK
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one writer per folder is then up to the user
-        return
-    try:
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise _folder_error(e, out, "lock the run folder") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        fail(f"run folder {out} is in use by another process (pid {holder}); wait for it to end or stop it")
-    try:  # the pid is for the line above only: a full disk here changes nothing
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-    except OSError:
-        pass
-    _LOCK = fd
-
-
-def _unlock():
-    """Release the run folder (the OS does it anyway when the process ends; run() in a longer-lived
-    process, e.g. a test or a notebook, releases it when the run is over)."""
-    global _LOCK
-    if _LOCK is not None:
-        os.close(_LOCK)
-        _LOCK = None
-
-
-def _prepare_run_dir(args, out, kind):
-    """Create and lock the run folder; then, under the lock: remove what a killed writer left (temp files);
-    with --force, the previous run's files; with --resume, retire a final.json of fewer epochs (an
-    extension: summarize then shows the run as unfinished). Returns what _undo_start needs."""
-    created = kind == "absent"
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise _folder_error(e, out, "create the run folder") from None
-    made = {"created": created, "bench": bool(args.bench)}
-    try:
-        try:
-            _lock_run_dir(out)
-            _remove_temp_files(out)
-            if not args.bench:
-                _clean_run_dir(args, out, kind)
-        except OSError as e:
-            raise _folder_error(e, out, "prepare the run folder") from None
-    except BaseException:  # refused (another process holds it), an OS error, a signal: a new folder goes again
-        if created and not [n for n in os.listdir(out) if n != ".lock"]:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return made
-
-
-def _clean_run_dir(args, out, kind):
-    """Under the lock: --force removes the previous run's files; --resume retires a final.json of fewer
-    epochs (renamed final-<epochs>-epochs.json)."""
-    final, ckpt = os.path.join(out, "final.json"), os.path.join(out, "checkpoint.pt")
-    if args.force and kind in ("ours", "legacy"):
-        removed = []
-        for name in sorted(os.listdir(out)):
-            if name in RUN_FILES or _RETIRED.match(name):
-                os.remove(os.path.join(out, name))
-                removed.append(name)
-        if removed:
-            print(f"--force: starting over in {out}; removed {', '.join(removed)}")
-    elif args.resume and os.path.isfile(final):
-        rec = _read_json(final)
-        old = rec.get("epochs") if isinstance(rec, dict) and isinstance(rec.get("epochs"), int) else None
-        name = f"final-{old if old is not None else getattr(args, 'extended_from', 0)}-epochs.json"
-        os.replace(final, os.path.join(out, name))  # a rename: no space needed, and the record is kept
-        print(f"--resume: {out} is no longer finished: its final.json (a {old}-epoch run) is now {name}", flush=True)
-    if args.resume and not os.path.isfile(ckpt):
-        print(f"--resume: no checkpoint in {out} yet; starting the run from epoch 1")
-
-
-def _undo_start(out, made):
-    """After a failure or a stop before this start's first checkpoint: undo what the start wrote (never
-    another file). log.csv goes; run.json goes too unless the folder holds other files (a user's, a bench):
-    it stays their marker; a folder this start created goes when nothing else is in it. Returns a note."""
-    if not made or not os.path.isdir(out) or os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        return ""
-    try:
-        return _undo(out, made)
-    except OSError as e:
-        return f" ({out} could not be cleaned: {e.strerror or e})"
-
-
-def _undo(out, made):
-    _remove_temp_files(out)
-    if not made["bench"]:
-        for name in ("log.csv", "final.json"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    others = [n for n in os.listdir(out) if n not in ("run.json", ".lock")]
-    if made["bench"] or others:
-        if made["bench"] and made["created"] and not others:
-            shutil.rmtree(out, ignore_errors=True)
-            return f" (nothing was kept: {out} removed)"
-        return "" if made["bench"] else f" (no checkpoint was written: {out}/log.csv removed, run.json kept)"
-    if os.path.exists(os.path.join(out, "run.json")):
-        os.remove(os.path.join(out, "run.json"))
-    if made["created"]:
-        shutil.rmtree(out, ignore_errors=True)  # holds nothing but the lock now
-        return f" (nothing was kept: {out} removed)"
-    return f" (no checkpoint was written: the run files of {out} removed)"
-
-
-def _kept_epoch(out, known=None):
-    """Epochs in the run's checkpoint (known: as the loop counted them), 0 when there is none."""
-    if known:
-        return known
-    try:
-        return int(load_checkpoint(os.path.join(out, "checkpoint.pt"))["epoch"])
-    except (FileNotFoundError, RuntimeError, KeyError, TypeError, ValueError):
-        return 0
-
-
-def _kept(out, epochs, note=""):
-    return (f"the checkpoint of epoch {epochs} is kept in {out}: --resume continues from it" if epochs else
-            f"there is no checkpoint{note or ', nothing was kept'}: the next start begins at epoch 1")
-
-
-# ---- Checks that need the data: before anything is written
-
-def _check_data(args, model, data, out):
-    """What the loaded data makes impossible, in one line each: --resume onto other data; a holdout that
-    leaves less than a batch; a batch (or an epoch's last, short batch) the method cannot take, or that
-    leaves a process without images; a method's own limits (check_data) and memory (memory_needed)."""
-    identity = data_identity(args, data)
-    if args.resume:
-        stored, source = stored_data(out)
-        diff = [f"{k} {stored[k]!r} ({source}) vs {identity.get(k)!r} (now)"
-                for k in ("dataset", "train_images", "test_images", "labels_sha256")
-                if stored and k in stored and stored[k] != identity.get(k)]
-        if diff:
-            fail(f"--resume: the run in {out} was trained on other data: {'; '.join(diff)}; point --data-dir at "
-                 f"the data it was trained on (--data-dir {args.data_dir} now), or start a new run (--force, or "
-                 f"another --out)")
-    labels = np.asarray([t[1] for t in data[0]] if args.dataset == "imagenet" else data[1])
-    n, B, world = len(labels), args.batch_size, len(args.devices)
-    if B % world:
-        fail(f"--batch-size {B} is not divisible by the {world} processes of --gpus {args.gpus}: give a multiple "
-             f"of {world}")
-    holdout = getattr(model, "holdout", 0)
-    left = n - holdout
-    if holdout and left < B:
-        fail(f"a holdout of {holdout} images leaves {max(left, 0)} of the {n} training images, less than one "
-             f"batch of {B}: lower the holdout (--val-size) or --batch-size")
-    if holdout:  # the method trains on the images left
-        labels = np.delete(labels, holdout_split(n, holdout, args.seed)[0])
-    need, per = max(1, getattr(model, "min_batch", 1)), B // world
-    short = 0 if args.dataset == "imagenet" else left % B  # imagenet's loader drops the last short batch
-    smallest = min(per, short // world) if short else per
-    if smallest < need:
-        what = (f"--batch-size {B} gives each of the {world} process(es) {per}" if per < need else
-                f"the last batch of each epoch holds {short} of the {left} training images, {short // world} "
-                f"for a process")
-        fail(f"{args.method} cannot train on a batch of {smallest} image(s) per process (it needs {need}"
-             f"{': ' + model.min_batch_why if hasattr(model, 'min_batch_why') else ''}); {what}: choose another "
-             f"--batch-size (one dividing {left} leaves no short batch)")
-    if hasattr(model, "check_data"):
-        try:
-            model.check_data(torch.as_tensor(labels))
-        except ValueError as e:
-            fail(e)
-    if all(d == "cpu" for d in args.devices):
-        _check_memory(model, left, B // world, "cpu", world)
-
-
-def _available_bytes(device):
-    """Memory free for this run: on a GPU what CUDA reports free, on the CPU /proc/meminfo's MemAvailable
-    (None where neither can be read)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def _check_memory(model, n_train, batch, device, processes=1):
-    """A method's state that grows with the data (memory_needed: MCL's banks and negatives) against the
-    memory free on `device` (shared by `processes` on the CPU): refused in one line rather than killed by
-    the kernel's OOM killer minutes later."""
-    if not hasattr(model, "memory_needed"):
-        return
-    need, what, fix = model.memory_needed(n_train, batch)
-    free = _available_bytes(device)
-    if free is not None and need * processes > free:
-        raise ValueError(f"{what} need about {need * processes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are "
-                         f"free on {device}: {fix}")
-
-
-def _norm_stats(dataset, norm):
-    if dataset == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
-    return NORMS[norm] if norm in NORMS else DATASETS[dataset][5:7]
-
-
-def check_teacher(path, teacher_args, args, teacher_data=None, data=None):
-    """Whether a teacher checkpoint fits this run (sokd.py; kd.py, reviewkd.py): teacher_args is the
-    checkpoint's "args" (baseline.py's options), teacher_data its "data" (data_identity; None for
-    checkpoints of older versions), data this run's identity when known. Raises ValueError, in one line
-    naming the setting, for what makes the teacher's predictions wrong: another dataset, other
-    normalisation statistics (--norm). Returns warnings (one line each) for what only shifts its inputs:
-    another --padding, another --image-size (imagenet), other training data of the same dataset."""
-    t = teacher_args if isinstance(teacher_args, dict) else {}
-    t_data, t_norm, t_pad = t.get("dataset"), t.get("norm", "dataset"), t.get("padding", "zeros")
-    hint = f"train a teacher with `python baseline.py --arch {t.get('arch', '?')} --dataset {args.dataset}"
-    if t_data != args.dataset:
-        raise ValueError(f"teacher checkpoint {path} was trained on {t_data}, this run is on {args.dataset}: "
-                         f"{hint}`")
-    norm = getattr(args, "norm", "dataset")
-    if args.dataset != "imagenet" and t_norm in (*NORMS, "dataset") and \
-            _norm_stats(t_data, t_norm) != _norm_stats(args.dataset, norm):
-        fmt = lambda s: "mean " + "/".join(f"{v:g}" for v in s[0]) + ", std " + "/".join(f"{v:g}" for v in s[1])
-        raise ValueError(f"teacher checkpoint {path} was trained with --norm {t_norm} "
-                         f"({fmt(_norm_stats(t_data, t_norm))}), this run normalises with --norm {norm} "
-                         f"({fmt(_norm_stats(args.dataset, norm))}): the teacher would see differently scaled "
-                         f"images; pass --norm {t_norm}, or {hint} --norm {norm}`")
-    warn = []
-    if args.dataset != "imagenet" and t_pad != getattr(args, "padding", "zeros"):
-        warn.append(f"teacher {path} was trained with --padding {t_pad}, this run crops with --padding "
-                    f"{args.padding}: the teacher sees training crops unlike its own (test images are the same)")
-    if args.dataset == "imagenet" and t.get("image_size") not in (None, getattr(args, "image_size", None)):
-        warn.append(f"teacher {path} was trained with --image-size {t['image_size']}, this run uses "
-                    f"{args.image_size}")
-    if isinstance(teacher_data, dict) and isinstance(data, dict):
-        diff = [f"{k} {teacher_data[k]} vs {data.get(k)} now" for k in ("train_images", "labels_sha256")
-                if k in teacher_data and teacher_data[k] != data.get(k)]
-        if diff:
-            warn.append(f"teacher {path} was trained on other {args.dataset} training data ({'; '.join(diff)})")
-    return warn
-
-
-# ---- The run
+# ---- The run: checks, the run folder, the training process(es); one line however it ends
 
 def run(args, Method):
     """The whole life of a run: checks, run folder, (DDP) training, final.json. However it ends, it says so
@@ -1813,6 +936,590 @@ def _exit_code(e, phase):
         return EXIT_ERROR
     return None
 
+
+# ---- Checks that need the data: before anything is written
+
+def _check_data(args, model, data, out):
+    """What the loaded data makes impossible, in one line each: --resume onto other data; a holdout that
+    leaves less than a batch; a batch (or an epoch's last, short batch) the method cannot take, or that
+    leaves a process without images; a method's own limits (check_data) and memory (memory_needed)."""
+    identity = data_identity(args, data)
+    if args.resume:
+        stored, source = stored_data(out)
+        diff = [f"{k} {stored[k]!r} ({source}) vs {identity.get(k)!r} (now)"
+                for k in ("dataset", "train_images", "test_images", "labels_sha256")
+                if stored and k in stored and stored[k] != identity.get(k)]
+        if diff:
+            fail(f"--resume: the run in {out} was trained on other data: {'; '.join(diff)}; point --data-dir at "
+                 f"the data it was trained on (--data-dir {args.data_dir} now), or start a new run (--force, or "
+                 f"another --out)")
+    labels = np.asarray([t[1] for t in data[0]] if args.dataset == "imagenet" else data[1])
+    n, B, world = len(labels), args.batch_size, len(args.devices)
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes of --gpus {args.gpus}: give a multiple "
+             f"of {world}")
+    holdout = getattr(model, "holdout", 0)
+    left = n - holdout
+    if holdout and left < B:
+        fail(f"a holdout of {holdout} images leaves {max(left, 0)} of the {n} training images, less than one "
+             f"batch of {B}: lower the holdout (--val-size) or --batch-size")
+    if holdout:  # the method trains on the images left
+        labels = np.delete(labels, holdout_split(n, holdout, args.seed)[0])
+    need, per = max(1, getattr(model, "min_batch", 1)), B // world
+    short = 0 if args.dataset == "imagenet" else left % B  # imagenet's loader drops the last short batch
+    smallest = min(per, short // world) if short else per
+    if smallest < need:
+        what = (f"--batch-size {B} gives each of the {world} process(es) {per}" if per < need else
+                f"the last batch of each epoch holds {short} of the {left} training images, {short // world} "
+                f"for a process")
+        fail(f"{args.method} cannot train on a batch of {smallest} image(s) per process (it needs {need}"
+             f"{': ' + model.min_batch_why if hasattr(model, 'min_batch_why') else ''}); {what}: choose another "
+             f"--batch-size (one dividing {left} leaves no short batch)")
+    if hasattr(model, "check_data"):
+        try:
+            model.check_data(torch.as_tensor(labels))
+        except ValueError as e:
+            fail(e)
+    if all(d == "cpu" for d in args.devices):
+        _check_memory(model, left, B // world, "cpu", world)
+
+
+def _check_memory(model, n_train, batch, device, processes=1):
+    """A method's state that grows with the data (memory_needed: MCL's banks and negatives) against the
+    memory free on `device` (shared by `processes` on the CPU): refused in one line rather than killed by
+    the kernel's OOM killer minutes later."""
+    if not hasattr(model, "memory_needed"):
+        return
+    need, what, fix = model.memory_needed(n_train, batch)
+    free = _available_bytes(device)
+    if free is not None and need * processes > free:
+        raise ValueError(f"{what} need about {need * processes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are "
+                         f"free on {device}: {fix}")
+
+
+def _available_bytes(device):
+    """Memory free for this run: on a GPU what CUDA reports free, on the CPU /proc/meminfo's MemAvailable
+    (None where neither can be read)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+# ---- One training process: its phases, the step, the evaluation
+
+def _worker(rank, world, args, Method, out, data):
+    """One training process (`rank` of `world`): its device and process group, then _train."""
+    device = args.devices[rank % len(args.devices)] if "LOCAL_RANK" not in os.environ else \
+        (f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() and args.devices[0] != "cpu" else "cpu")
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        if not cuda:  # CPU processes share the cores instead of each taking all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+    try:
+        fail_rank, _, how = os.environ.get("OKD_FAIL_RANK", "").partition(":")  # tests: one rank dies ("R"
+        if fail_rank == str(rank):                                             # raises, "R:kill" is killed);
+            if how == "kill":                                                  # the others must not hang
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"rank {rank}: failure injected by OKD_FAIL_RANK")
+        _train(rank, world, args, Method, out, data, device)
+        if world > 1:  # leave together: a rank that tears gloo down while the other still sends or
+            dist.barrier()  # writes final.json can abort it (SIGABRT, seen once in CI)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(rank, world, args, Method, out, data, device):
+    """One process's run as an outline: each phase is a function below, in the order it runs."""
+    amp = use_amp(args, device)
+    torch.manual_seed(args.seed)
+    # channels_last on every device: faster convolutions on GPUs, and on CPUs too (resnet32 training
+    # step ~1.1-1.3x on this project's CPU; `python summarize.py speed` measures it)
+    model = Method(args, dataset_info(args)[0]).to(device).to(memory_format=torch.channels_last)
+    identity = data_identity(args, data)  # before the holdout and the split between processes
+    train_data, test_data, hold, train_images = _loaders(args, model, data, device, rank, world)
+    if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
+        model.on_data(train_data.y)
+    opts = _optimizers(args, model)
+    step_model = _step_model(args, model, world)
+    if args.bench:  # part 6: --bench times steps on synthetic data instead
+        return _bench(args, model, step_model, opts, train_data, device, amp, out)
+    history, start = _start(args, out, model, opts, identity, rank, world, device, amp, len(train_data.y))
+    stop = _STOP if _STOP is not None else Interrupt()
+    stop.done, stop.phase = start, "training"
+    agree = _Agreement(world)  # every process stops after the same step
+    for epoch in range(start, args.epochs):
+        row, terms, heads = _epoch(args, epoch, rank, world, model, step_model, opts, (train_data, test_data, hold),
+                                   amp, agree, stop, out)
+        history.append(row)
+        if rank == 0:  # the checkpoint first, then the log row: the log never runs ahead of the checkpoint
+            _save_checkpoint(args, out, epoch, model, opts, history, identity)
+            _log(out, row, terms, heads, model.deploy, args.epochs, header=epoch == start)
+            stop.done = epoch + 1
+        if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
+            agree.close()
+            print(f"halted after epoch {epoch + 1} (--halt-after)")
+            return
+    stopping = agree.close(stop.hit)  # a signal while the last epoch was evaluated and saved
+    if stopping:
+        raise Stopped(stopping, args.epochs, args.epochs, before_final=True)
+    stop.phase = "final"  # a signal from here on stops at once: the run is finished only with final.json
+    _finish(args, out, model, history, train_images, identity, rank, world, device, amp)
+
+
+def _loaders(args, model, data, device, rank, world):
+    """This process's (train, test, holdout, training images for _finish): Loaders of CIFAR on the device
+    (of synthetic images under --bench), FolderLoaders of imagenet (no training images for _finish then).
+    The holdout (KDCL-general; None without one) comes off the training split with a fixed permutation."""
+    num_classes, mean, std = dataset_info(args)
+    views = getattr(model, "views", 1)
+    if args.bench:  # synthetic data already on the device, no dataset needed
+        gen = torch.Generator().manual_seed(0)
+        size = args.image_size or 32  # imagenet: synthetic squares of --image-size through the on-device Loader
+        tx = torch.randint(0, 256, (4 * args.batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
+        ty = torch.randint(0, num_classes, (4 * args.batch_size,), generator=gen)
+        data = (tx, ty, tx[:0], ty[:0])
+    if args.dataset == "imagenet" and not args.bench:  # DataLoader workers read the folders
+        train_data, test_data, hold = folder_loaders(args, data, views, getattr(model, "holdout", 0), device,
+                                                     rank, world, True)
+        train_images = None
+    else:
+        tx, ty, vx, vy = data
+        holdout_n, hold = (0 if args.bench else getattr(model, "holdout", 0)), None  # --bench: no holdout
+        if holdout_n >= len(ty):
+            raise DataError(f"a holdout of {holdout_n} images leaves nothing of the {len(ty)} training images")
+        if holdout_n:
+            held, kept = holdout_split(len(ty), holdout_n, args.seed)
+            tx, ty, hx, hy = tx[kept], ty[kept], tx[held], ty[held]
+            hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=True)
+        train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, True,
+                            args.padding)
+        test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=True)
+        train_images = tx, ty
+    if device.startswith("cuda") and not args.bench:  # what CUDA has free is known here only (run() checked the CPU's)
+        _check_memory(model, len(train_data.y), args.batch_size // world, device)
+    return train_data, test_data, hold, train_images
+
+
+def _optimizers(args, model):
+    """[the SGD of the method's param_groups (or its make_optimizer's), then its extra_optimizer if any]."""
+    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
+    opt = model.make_optimizer(groups) if hasattr(model, "make_optimizer") else None
+    if opt is None:
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
+    extra = model.extra_optimizer() if hasattr(model, "extra_optimizer") else None
+    return [opt] + ([extra] if extra is not None else [])
+
+
+def _step_model(args, model, world):
+    """What a training step calls: the model, in DDP with several processes, compiled with --compile."""
+    if world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    # OKD_COMPILE_BACKEND (rehearsals only, e.g. gpu_check.py --tiny: "eager" traces without inductor's codegen)
+    return torch.compile(ddp, backend=os.environ.get("OKD_COMPILE_BACKEND", "inductor")) if args.compile else ddp
+
+
+def _start(args, out, model, opts, identity, rank, world, device, amp, n_train):
+    """(history, epochs done): the checkpoint's, its weights and optimizer states loaded, when --resume
+    finds one; else ([], 0). Then rank 0 writes run.json and log.csv and prints the run's first lines."""
+    history, start = [], 0
+    ck = _resume_checkpoint(args, os.path.join(out, "checkpoint.pt"), rank, world)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opts[0].load_state_dict(ck["opt"])
+        if len(opts) > 1:
+            opts[1].load_state_dict(ck["opt_extra"])
+        history, start = ck["history"], ck["epoch"]
+        print(f"resumed {out} from the checkpoint of epoch {start}: continuing with epoch {start + 1}")
+    if rank == 0:
+        resolved = getattr(model, "resolved", {})
+        # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's
+        # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
+        atomic_json({**MARKER, **_plain_args(args), "resolved": resolved, "data": identity,
+                     "machine": machine_info(device)},
+                    os.path.join(out, "run.json"))
+        _write_log(out, history)
+        print(describe_schedule(args, resolved))  # the first line: what this run is
+        if getattr(args, "extended_from", None):
+            print(f"--epochs {args.epochs}: extending the run from {args.extended_from} epochs")
+        if start == 0:
+            print(f"{args.method} {args.arch} {args.dataset}: "
+                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
+                  f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
+    return history, start
+
+
+def _resume_checkpoint(args, path, rank, world):
+    """The checkpoint to resume from (None: start from epoch 1): rank 0 reads it and sends it to the
+    other ranks, so that the processes on other machines need no shared disk (they never read or
+    write the run folder)."""
+    ck = load_checkpoint(path) if rank == 0 and args.resume and os.path.isfile(path) else None
+    if world == 1:
+        return ck
+    box = [ck]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def _epoch(args, epoch, rank, world, model, step_model, opts, loaders, amp, agree, stop, out):
+    """One epoch: its lr, the steps, the terms' means over the steps and processes, the test top-1 of every
+    head (every --eval-every epochs and at the last). Returns its row of log.csv, its terms and heads."""
+    train_data, test_data, hold = loaders
+    lr = _set_lr(opts[0], args, epoch)
+    # randomness inside a step (e.g. MCL's negatives) depends on (seed, epoch, rank) only: exact resume
+    torch.manual_seed(args.seed * 10_007 + epoch + 1_000_003 * rank)
+    model.train()
+    if hasattr(model, "on_epoch"):
+        model.on_epoch(epoch, hold)
+    t0 = time.time()
+    names, sums, n_steps = _steps(args, epoch, model, step_model, opts, train_data, amp, rank, agree, stop, out)
+    if world > 1:
+        dist.all_reduce(sums)
+        sums /= world
+        for b in model.buffers():  # one broadcast per epoch keeps BN statistics (and banks) identical
+            dist.broadcast(b, 0)
+    mean_terms = dict(zip(names, (sums / n_steps).tolist()))
+    seconds = time.time() - t0
+    tested = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+    acc = evaluate(model, test_data, amp, world) if tested else dict.fromkeys(model.head_params())
+    row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
+           "images_per_second": round(len(train_data.y) / seconds, 1)}
+    return row, list(mean_terms), list(acc)
+
+
+def _steps(args, epoch, model, step_model, opts, train_data, amp, rank, agree, stop, out):
+    """The epoch's training steps: (term names, their sums, steps). The sums and the first non-finite step
+    stay on the device until the epoch ends (no host sync per step). Raises Stopped when a signal stops
+    the run after a step (every process after the same one), NonFinite after an epoch with a non-finite loss."""
+    progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
+    sums, names, first_bad, bad_terms, n_steps, stopping = None, None, None, None, 0, 0
+    for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
+        names, vals = train_step(model, step_model, opts, x, y, idx, epoch, amp)
+        if sums is None:
+            sums = torch.zeros_like(vals)
+            first_bad = torch.full((), -1, device=vals.device)
+            bad_terms = torch.zeros_like(vals, dtype=torch.bool)
+        sums += vals
+        finite = torch.isfinite(vals)
+        new_bad = (first_bad < 0) & ~finite.all()
+        first_bad = torch.where(new_bad, step, first_bad)
+        bad_terms = torch.where(new_bad, ~finite, bad_terms)
+        n_steps += 1
+        if progress:
+            progress.step(epoch, args.epochs, n_steps)
+        stopping = agree(stop.hit)
+        if stopping:
+            break
+    if progress:
+        progress.clear()
+    if stopping:  # run() says so and exits 128 + the signal; the checkpoint of `epoch` epochs is kept
+        agree.close()
+        raise Stopped(stopping, epoch, epoch)
+    if first_bad.item() >= 0:
+        bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
+        raise NonFinite(f"non-finite loss at epoch {epoch + 1} step {first_bad.item() + 1} in term(s) "
+                        f"{', '.join(bad)}; stopped; the checkpoint of the last good epoch ({epoch}) is kept in {out}")
+    return names, sums, n_steps
+
+
+def train_step(model, step_model, opts, x, y, idx, epoch, amp):
+    """One optimizer step (of each optimizer in `opts`, one backward pass). Returns the term names and
+    their values as one device tensor (no host sync). amp: bf16 autocast on the batch's device type."""
+    opts = opts if isinstance(opts, (list, tuple)) else [opts]
+    with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
+        loss, terms = step_model(x, y, idx, epoch)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    if hasattr(model, "after_step"):
+        model.after_step()
+    return ["loss", *terms], _stacked(model, loss, terms)
+
+
+def _stacked(model, loss, terms):
+    """The loss and its terms as one fp32 tensor on the device. A term that is a plain number (a Python
+    float, e.g. 0.0 for a weight that is off) cannot be stacked: a ValueError names it, in one line."""
+    try:
+        return torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+    except (AttributeError, TypeError):  # only when it fails: nothing checked, no cost, on every other step
+        plain = [(k, v) for k, v in terms.items() if not isinstance(v, torch.Tensor)]
+        if not plain:
+            raise
+        k, v = plain[0]
+        raise ValueError(f"{type(model).__name__}.forward returned the loss term {k!r} as {v!r} (a "
+                         f"{type(v).__name__}), not a tensor: return a tensor on the batch's device, e.g. "
+                         f"torch.tensor(0.0, device=y.device) for a term that is off") from None
+
+
+@torch.no_grad()
+def evaluate(model, data, amp, world=1):
+    """Top-1 accuracy (%) of every head; counts stay on the device until the end."""
+    model.eval()
+    correct, n = None, 0
+    for x, y, _ in data.epoch():
+        with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
+            heads = model.heads(x)
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in heads.values()])
+        correct = hits if correct is None else correct + hits
+        n += len(y)
+    total = torch.tensor([n], device=correct.device)
+    if world > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    model.train()
+    return {k: round(100.0 * c / total.item(), 2) for k, c in zip(heads, correct.tolist())}
+
+
+def _save_checkpoint(args, out, epoch, model, opts, history, identity):
+    """checkpoint.pt after epoch `epoch` (0-based; atomically): what --resume continues from."""
+    try:
+        atomic_save({**MARKER, "model": model.state_dict(), "opt": opts[0].state_dict(), "epoch": epoch + 1,
+                     **({"opt_extra": opts[1].state_dict()} if len(opts) > 1 else {}),
+                     "history": history, "args": _plain_args(args), "data": identity},
+                    os.path.join(out, "checkpoint.pt"))
+    except (DiskFull, RunFolderError) as e:
+        kept = f"the checkpoint of epoch {epoch} is intact" if epoch else "no checkpoint was written yet"
+        raise type(e)(f"{e}; {kept}: free space (or fix the folder), then --resume") from None
+
+
+def _finish(args, out, model, history, train_images, identity, rank, world, device, amp):
+    """After the last epoch: top-1 on training images, a checksum of the weights per process, final.json."""
+    train_top1 = None  # overfitting shows as training top-1 far above test top-1: measured once, at the end
+    if train_images is not None:
+        tx, ty = train_images
+        _, mean, std = dataset_info(args)
+        k = min(len(tx), TRAIN_EVAL_IMAGES)
+        train_top1 = evaluate(model, Loader(tx[:k], ty[:k], mean, std, device, 1000, False, rank=rank, world=world,
+                                            channels_last=True), amp, world)
+    if rank == 0 or world > 1:
+        with torch.no_grad():  # a checksum of the weights per rank: DDP must keep them identical
+            sums = [float(sum(p.double().sum() for p in model.parameters()))]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, sums[0])
+            sums = gathered
+        if rank == 0:
+            _final(args, out, model, history, sums, device, train_top1, getattr(model, "resolved", {}), identity)
+
+
+# ---- The lr of an epoch, the ramp-up of a method's term, bf16 autocast
+
+def lr_factor(args, epoch):
+    """The learning-rate schedule as a factor of --lr in the 0-based epoch `epoch`: one cosine from 1 over
+    --epochs (--cosine), or x0.1 at each --schedule milestone. The loop's SGD gets --lr times it (_set_lr);
+    a method's other optimizer may follow it too (ffsd.py's decoders)."""
+    if args.cosine:
+        return 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return 0.1 ** sum(epoch >= m for m in args.schedule)
+
+
+def _set_lr(opt, args, epoch):
+    """The lr of `epoch`, --lr x lr_factor, set in every group times its lr_scale."""
+    lr = args.lr * lr_factor(args, epoch)  # the same float as 0.5 * lr * (1 + cos): a factor of 0.5 is exact
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never under --compile's trace
+
+
+def ramp_up(epoch, length=80):
+    """Sigmoid ramp-up of Laine & Aila: exp(-5 (1 - min(e, L)/L)^2) for epoch index e; 1 when L = 0.
+    Under --compile it is computed outside the graph and enters it as an input: a value traced into the
+    graph would be a constant guarded on, a recompilation every epoch of the ramp, and after 8 of them
+    (dynamo's recompile limit) the rest of the run in eager mode."""
+    if _is_compiling():
+        return torch.compiler.disable(_ramp_up)(epoch, length)
+    return _ramp_up(epoch, length)
+
+
+def _ramp_up(epoch, length):
+    if length == 0:
+        return 1.0
+    t = min(epoch, length) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def use_amp(args, device):
+    """bf16 autocast: on CUDA unless --no-amp; on the CPU only with --amp (off by default there, so that a
+    CPU run is plain fp32). One autocast path on every device: torch.autocast(device type, bfloat16)."""
+    return not args.no_amp and (device.startswith("cuda") or getattr(args, "amp", False))
+
+
+# ---- What a run says and records: its first line, the epoch lines, log.csv, final.json
+
+def describe_schedule(args, resolved):
+    """One line: the learning-rate schedule, the ramp-ups and derived settings in force, and which
+    were scaled to --epochs."""
+    lr = "cosine" if args.cosine else (f"x0.1 at epochs {' '.join(map(str, args.schedule))}" if args.schedule
+                                       else "constant")
+    extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup", "init") if hasattr(args, k)]
+    opt = getattr(args, "optimizer", "sgd")  # a method's own --optimizer (OEC-KD): momentum and Nesterov are SGD's
+    opt = f"{'no ' if args.no_nesterov else ''}Nesterov" if opt == "sgd" else f"optimizer {opt}"
+    extra += [f"{k} {v}" for k, v in resolved.items()]
+    scaled = getattr(args, "scaled", [])
+    return (f"recipe {getattr(args, 'recipe', 'protocol')}: {args.epochs} epochs, batch {args.batch_size}, "
+            f"lr {args.lr:g} {lr}, wd {args.wd:g}, {opt}, "
+            f"{getattr(args, 'padding', 'zeros')} padding, {getattr(args, 'norm', 'dataset')} statistics"
+            + "".join(f", {e}" for e in extra)
+            + (f" (scaled to --epochs: {', '.join(scaled + list(resolved))})" if scaled or resolved else ""))
+
+
+class Progress:
+    """On a terminal: one line rewritten in place during an epoch (steps, images/s, time left), at
+    most twice a second. It reads only the wall clock, never a device value: no host sync."""
+
+    def __init__(self, steps, batch_size):
+        self.steps, self.batch, self.t0, self.last = steps, batch_size, None, 0.0
+
+    def step(self, epoch, epochs, done):
+        now = time.time()
+        if done == 1:
+            self.t0 = now
+            return
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rate = (done - 1) * self.batch / (now - self.t0)
+        left = (self.steps - done) * self.batch / rate
+        print(f"\r  epoch {epoch + 1}/{epochs}: step {done}/{self.steps}, {rate:.0f} img/s, {left:.0f} s left ",
+              end="", flush=True)
+
+    def clear(self):
+        if self.last:
+            print("\r\033[K", end="", flush=True)
+            self.last = 0.0
+
+
+def _log(out, row, term_names, head_names, deploy, epochs, header=False):
+    """One fixed-width line per epoch (the column names first in every process) and the row in log.csv."""
+    if header:
+        print(f"{'epoch':>9} {'lr':>7} | " + " ".join(f"{t:>8}" for t in term_names) + " | "
+              + " ".join(f"{h + ('*' if h == deploy else ''):>9}" for h in head_names) + " | s/ep     img/s")
+    print(f"{row['epoch']:>4}/{epochs:<4} {row['lr']:7.4f} | " + " ".join(f"{row[t]:8.4f}" for t in term_names)
+          + " | " + " ".join(f"{row[h]:9.2f}" if row[h] is not None else f"{'-':>9}" for h in head_names)
+          + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
+    path = os.path.join(out, "log.csv")
+    try:
+        with open(path, "rb") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = b""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(row))
+    if not old:
+        w.writeheader()
+    w.writerow(row)
+    try:  # the whole file again, atomically: a full disk leaves the previous log.csv, never a truncated one
+        atomic_write(path, lambda f: f.write(old + text.getvalue().encode()), len(old))
+    except (DiskFull, RunFolderError) as e:
+        raise type(e)(f"{e}; the checkpoint of epoch {row['epoch']} is intact (log.csv is rewritten from it): "
+                      f"free space (or fix the folder), then --resume") from None
+
+
+def _write_log(out, history):
+    """log.csv as the checkpoint's history says (atomically): what a resume continues from."""
+    path = os.path.join(out, "log.csv")
+    if not history:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+
+    def write(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+TRAIN_EVAL_IMAGES = 10_000  # final.json's "train_last": top-1 on the first (un-augmented) training images
+
+
+def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None, identity=None):
+    heads = [k for k in history[-1] if k in model.head_params()]
+    best = {h: max(((r[h], r["epoch"]) for r in history if r[h] is not None), key=lambda t: t[0]) for h in heads}
+    final = {**MARKER, "method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
+             "seed": args.seed, "deploy": model.deploy, "last": {h: history[-1][h] for h in heads},
+             "best": {h: list(v) for h, v in best.items()}, "params": model.head_params(),
+             "train_last": train_top1, "resolved": resolved or {},
+             "seconds": round(sum(r["seconds"] for r in history), 1),
+             "images_per_second": round(sum(r["images_per_second"] for r in history) / len(history), 1),
+             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+             "processes": len(rank_sums), "rank_param_sums": rank_sums,
+             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+             "data": identity,
+             "machine": machine_info(device), "args": _plain_args(args)}
+    atomic_json(final, os.path.join(out, "final.json"))
+    if _STOP is not None:
+        _STOP.phase = "done"  # finished: a signal from now on changes nothing
+    d = model.deploy
+    others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
+    print(f"done: {d} (deployable) {final['last'][d]:.2f}% top-1 at the last epoch"
+          + (f"; {others}" if others else "") + f"; {out}/final.json")
+
+
+def data_identity(args, data):
+    """What identifies a run's data, for its record and for --resume: the data set, the number of
+    training and test images, and a checksum of the training labels in their order."""
+    import hashlib
+    if data is None:
+        return None
+    train, test = (data[0], data[1]) if args.dataset == "imagenet" else (data[1], data[3])
+    labels = [t[1] for t in train] if args.dataset == "imagenet" else train.tolist()
+    return {"dataset": args.dataset, "train_images": len(labels), "test_images": len(test),
+            "labels_sha256": hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]}
+
+
+def machine_info(device):
+    """Where a run ran, for its record: the GPU's name or the CPU's model, torch/CUDA/cuDNN/Python
+    versions, threads, and the git commit of this file's folder ("+dirty" when tracked files differ;
+    None when it is not a git checkout, e.g. a method file copied elsewhere)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    commit, here = None, os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "HEAD")
+        if head.returncode == 0:
+            commit = head.stdout.strip()[:12] + ("+dirty" if git("status", "--porcelain", "-uno").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.startswith("cuda") else None,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "commit": commit}
+
+
+def _plain_args(args):
+    return {k: v for k, v in vars(args).items() if k != "devices"}
+
+
+# ---- --gpus 0,1,...: one training process per device, started and watched by this one
 
 def _launch(world, args, Method, out, data, stop):
     """--gpus with several devices: one training process per device (spawned; INT/TERM/HUP reach them
@@ -1957,414 +1664,900 @@ def _child(rank, world, args, Method, out, data, shared, reports):
     sys.exit(code)
 
 
-def _set_lr(opt, args, epoch):
-    if args.cosine:
-        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-    return lr
+# =================================================================================================
+# 4. OPTIONS
+# the command line, checked and completed (protocol, --recipe paper, --resume) before a run
+# =================================================================================================
+
+def parser(description):
+    """The protocol's command-line options; a method adds its own before parse()."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0], allow_abbrev=False,  # exact names:
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)      # see _given()
+    # a negative value in exponent form (--wd -1e-5) is a value, not an unknown option: argparse before
+    # Python 3.13 knows only -1 and -0.5, and would answer "expected one argument" instead of the check's line
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    # every refusal is one line: the error without argparse's usage block in front of it
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the options)\n")
+    add_arg(p, "--arch", default="resnet32", help="backbone; a comma list gives one per peer where the method allows")
+    add_arg(p, "--dataset", default="cifar100", choices=[*DATASETS, "imagenet"],
+            help="imagenet: any ImageFolder tree, --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
+    add_arg(p, "--data-dir", default="./data", help="where the dataset is read (CIFAR: downloaded there when absent)")
+    add_arg(p, "--image-size", type=int, default=None, check="positive", help="imagenet: training crop, 224 when not given; "
+            "evaluation resizes to size*256/224 and center-crops")
+    add_arg(p, "--workers", type=int, default=8, check="nonneg", help="imagenet: DataLoader processes per training process")
+    # None: the dataset's protocol (PROTOCOL), filled in by parse()
+    add_arg(p, "--epochs", type=int, default=None, check="positive", help="when not given: 300 on CIFAR, 90 on imagenet")
+    add_arg(p, "--lr", type=float, default=None, check="positive", help="when not given: 0.1 on CIFAR, 0.1 x batch/256 on imagenet")
+    add_arg(p, "--batch-size", type=int, default=None, check="positive", help="global batch, whatever the number of GPUs; "
+            "when not given: 128 on CIFAR, 256 on imagenet")
+    add_arg(p, "--wd", type=float, default=None, check="nonneg", help="when not given: 5e-4 on CIFAR, 1e-4 on imagenet")
+    add_arg(p, "--momentum", type=float, default=0.9, check="unit", help="SGD momentum")
+    add_arg(p, "--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
+    add_arg(p, "--schedule", type=int, nargs="*", default=None, help="epochs where lr drops x0.1; "
+            "when not given: 150 225 on CIFAR, 30 60 80 on imagenet")
+    add_arg(p, "--cosine", action="store_true", help="cosine decay (per epoch) instead of --schedule")
+    add_arg(p, "--padding", default="zeros", choices=["zeros", "reflect"],
+            help="CIFAR random crop: from the image padded by 4 with zeros or mirrored at its edges")
+    add_arg(p, "--norm", default="dataset", choices=["dataset", *NORMS],
+            help="normalisation statistics: the dataset's own, CIFAR-10's on every dataset (SOKD), or the "
+                 "CIFAR-10 mean with the widespread std (0.2023, 0.1994, 0.2010) on every dataset (ONE), or "
+                 "none: pixels in [0, 1] (OEC-KD)")
+    add_arg(p, "--recipe", default="protocol", choices=["protocol", "paper"],
+            help="protocol: the shared protocol (README); paper: the method's paper / official script, for "
+                 "every option not given (each script's PAPER)")
+    add_arg(p, "--seed", type=int, default=0, check="seed", help="initialisation, data order and augmentation")
+    add_arg(p, "--eval-every", type=int, default=1, metavar="N", check="positive", help="test every N epochs and at the last "
+            "(the log shows '-' in between); 1: every epoch")
+    add_arg(p, "--gpus", default="0", help="'0' one GPU, '0,1,2,3' DDP; 'cpu' the CPU (no CUDA: CPU with a warning)")
+    add_arg(p, "--out", default=None, help="run folder; None: runs/<method>-<arch>-<dataset>-s<seed>")
+    add_arg(p, "--resume", action="store_true", help="continue the run in the run folder with its stored settings "
+            "(start it when there is none; a finished run is left as it is)")
+    add_arg(p, "--force", action="store_true", help="start over in an existing run folder (its run files are removed)")
+    add_arg(p, "--amp", action="store_true", help="bf16 autocast on the CPU too (on CUDA it is on by default)")
+    add_arg(p, "--no-amp", action="store_true", help="no bf16 autocast on CUDA (fp32 throughout)")
+    add_arg(p, "--compile", action="store_true", help="torch.compile the model")
+    add_arg(p, "--bench", type=int, default=0, metavar="N", check="nonneg", help="time N steps on synthetic data, write bench.json")
+    add_arg(p, "--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop as if killed
+    return p
 
 
-def _worker(rank, world, args, Method, out, data):
-    device = args.devices[rank % len(args.devices)] if "LOCAL_RANK" not in os.environ else \
-        (f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() and args.devices[0] != "cpu" else "cpu")
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        if not cuda:  # CPU processes share the cores instead of each taking all of them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
-        warnings.simplefilter("ignore")
+def add_arg(p, name, check=None, **kw):
+    """Add a --kebab-case option with its --snake_case alias. check: a key of CHECKS, tested by parse()
+    (every float option must also be finite: nan and inf are refused)."""
+    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    action = p.add_argument(*names, **kw)
+    action.check = check
+    return action
+
+
+def add_epochs_arg(p, name, protocol_epochs, help):
+    """An option counted in epochs (a ramp-up, a warm-up) whose value under the 300-epoch CIFAR protocol
+    is `protocol_epochs`. Left out, parse() scales it with --epochs: max(1, round(protocol_epochs *
+    epochs / protocol's epochs)); given explicitly, the value given is used as it is."""
+    action = add_arg(p, name, type=int, default=None, check="nonneg", help=f"{help}; when not given: "
+                     f"{protocol_epochs} x epochs/300 on CIFAR (x epochs/90 on imagenet), at least 1")
+    action.protocol_epochs = protocol_epochs
+    return action
+
+
+def parse(p, method, argv=None, paper=None):
+    """Parse and validate: every error here happens before anything is written. paper: what --recipe
+    paper sets (the method file's PAPER dict)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.method = method
+    if args.resume and args.force:
+        p.error("--resume continues a run and --force starts it over: give one of them")
+    if args.amp and args.no_amp:
+        p.error("--amp turns bf16 autocast on (on the CPU too) and --no-amp turns it off: give one of them")
+    if args.out is not None and not args.out.strip():
+        p.error(f"argument --out: {args.out!r} is no folder; give one, or leave --out out for "
+                f"runs/<method>-<arch>-<dataset>-s<seed>")
+    given = typed = _given(p, argv)
+    typed_schedule = args.schedule if "schedule" in typed else None  # before a resume or a recipe fills it in
+    if args.resume and not args.bench and _merge_stored(p, args, given):
+        given = set(vars(args))  # the stored run's values stand; its recipe was applied when it started
+    apply_recipe(args, paper or {}, given)
+    if args.dataset == "imagenet" and (args.padding != "zeros" or args.norm != "dataset"):
+        p.error("--padding and --norm apply to CIFAR (imagenet: RandomResizedCrop, ImageNet statistics)")
+    protocol_defaults(p, args)
+    _validate(p, args)
+    for a in args.arch.split(","):
+        if a not in ARCHS:
+            p.error(f"argument --arch: invalid choice: {a!r} (choose from {', '.join(ARCHS)})")
+    if args.cosine and typed_schedule:  # the cosine decay has no milestones: one of the two would be ignored
+        why = ("--cosine" if "cosine" in typed else
+               "the resumed run's --cosine" if args.resume else f"--recipe paper (the recipe of {method} decays by cosine)")
+        p.error(f"--schedule {' '.join(map(str, typed_schedule))} and {why} contradict: the cosine decay has no "
+                f"milestones; give one of them")
+    s = args.schedule
+    if not args.cosine and (any(b <= a for a, b in zip(s, s[1:])) or any(m <= 0 or m >= args.epochs for m in s)):
+        p.error(f"--schedule {' '.join(map(str, s))}: milestones must increase and lie in (0, --epochs={args.epochs})")
     try:
-        fail_rank, _, how = os.environ.get("OKD_FAIL_RANK", "").partition(":")  # tests: one rank dies ("R"
-        if fail_rank == str(rank):                                             # raises, "R:kill" is killed);
-            if how == "kill":                                                  # the others must not hang
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"rank {rank}: failure injected by OKD_FAIL_RANK")
-        _train(rank, world, args, Method, out, data, device)
-        if world > 1:  # leave together: a rank that tears gloo down while the other still sends or
-            dist.barrier()  # writes final.json can abort it (SIGABRT, seen once in CI)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        args.devices = _devices(args.gpus)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
-def _resume_checkpoint(args, path, rank, world):
-    """The checkpoint to resume from (None: start from epoch 1): rank 0 reads it and sends it to the
-    other ranks, so that the processes on other machines need no shared disk (they never read or
-    write the run folder)."""
-    ck = load_checkpoint(path) if rank == 0 and args.resume and os.path.isfile(path) else None
-    if world == 1:
-        return ck
-    box = [ck]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
+def _given(p, argv):
+    """The dests of the options typed on the command line (exact names: the parser has allow_abbrev=False)."""
+    given = set()
+    for a in p._actions:
+        if any(t == o or t.startswith(o + "=") for t in argv for o in a.option_strings):
+            given.add(a.dest)
+    return given
 
 
-def use_amp(args, device):
-    """bf16 autocast: on CUDA unless --no-amp; on the CPU only with --amp (off by default there, so that a
-    CPU run is plain fp32). One autocast path on every device: torch.autocast(device type, bfloat16)."""
-    return not args.no_amp and (device.startswith("cuda") or getattr(args, "amp", False))
+# add_arg(check=...): what parse() demands of a value, with the words of its error
+CHECKS = {"positive": (lambda v: v > 0, "must be positive"),
+          "nonneg": (lambda v: v >= 0, "must be non-negative"),
+          "unit": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+          "two+": (lambda v: v >= 2, "must be at least 2"),
+          # numpy's RandomState takes seeds below 2**32 (the holdout's permutation); torch's generators,
+          # seeded with seed * 1_000_003 + epoch and the like, stay below 2**64 with them
+          "seed": (lambda v: 0 <= v < 2 ** 32, "must lie in [0, 4294967295] (2**32 - 1)")}
 
 
-def _train(rank, world, args, Method, out, data, device):
-    cuda = device.startswith("cuda")
-    amp = use_amp(args, device)
-    num_classes, mean, std = dataset_info(args)
-    torch.manual_seed(args.seed)
-    # channels_last on every device: faster convolutions on GPUs, and on CPUs too (resnet32 training
-    # step ~1.1-1.3x on this project's CPU; `python summarize.py speed` measures it)
-    model = Method(args, num_classes).to(device).to(memory_format=torch.channels_last)
-    views = getattr(model, "views", 1)
-
-    # ---- data: the holdout (KDCL-general) comes off the training split with a fixed permutation
-    identity = data_identity(args, data)  # before the holdout and the split between processes
-    if args.bench:  # synthetic data already on the device, no dataset needed
-        gen = torch.Generator().manual_seed(0)
-        size = args.image_size or 32  # imagenet: synthetic squares of --image-size through the on-device Loader
-        tx = torch.randint(0, 256, (4 * args.batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
-        ty = torch.randint(0, num_classes, (4 * args.batch_size,), generator=gen)
-        data = (tx, ty, tx[:0], ty[:0])
-    if args.dataset == "imagenet" and not args.bench:  # DataLoader workers read the folders
-        train_data, test_data, hold = folder_loaders(args, data, views, getattr(model, "holdout", 0), device,
-                                                     rank, world, True)
-    else:
-        tx, ty, vx, vy = data
-        holdout_n, hold = (0 if args.bench else getattr(model, "holdout", 0)), None  # --bench: no holdout
-        if holdout_n >= len(ty):
-            raise DataError(f"a holdout of {holdout_n} images leaves nothing of the {len(ty)} training images")
-        if holdout_n:
-            held, kept = holdout_split(len(ty), holdout_n, args.seed)
-            tx, ty, hx, hy = tx[kept], ty[kept], tx[held], ty[held]
-            hold = Loader(hx, hy, mean, std, device, 500, train=False, channels_last=True)
-        train_data = Loader(tx, ty, mean, std, device, args.batch_size, True, views, args.seed, rank, world, True,
-                            args.padding)
-        test_data = Loader(vx, vy, mean, std, device, 1000, False, rank=rank, world=world, channels_last=True)
-    n_train = len(train_data.y)
-    if cuda and not args.bench:  # what CUDA has free is known here only (run() checked the CPU's)
-        _check_memory(model, n_train, args.batch_size // world, device)
-    if hasattr(model, "on_data"):  # e.g. MCL's memory banks: one row per training sample, labels for negatives
-        model.on_data(train_data.y)
-
-    groups = model.param_groups(args.wd) if hasattr(model, "param_groups") else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.wd}]
-    opt = model.make_optimizer(groups) if hasattr(model, "make_optimizer") else None
-    if opt is None:
-        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov)
-    extra = model.extra_optimizer() if hasattr(model, "extra_optimizer") else None
-    opts = [opt] + ([extra] if extra is not None else [])
-    if world > 1 and args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    # OKD_COMPILE_BACKEND (rehearsals only, e.g. gpu_check.py --tiny: "eager" traces without inductor's codegen)
-    step_model = torch.compile(ddp, backend=os.environ.get("OKD_COMPILE_BACKEND", "inductor")) if args.compile else ddp
-    if args.bench:
-        return _bench(args, model, step_model, opts, train_data, device, amp, out)
-
-    ckpt_path, history, start = os.path.join(out, "checkpoint.pt"), [], 0
-    ck = _resume_checkpoint(args, ckpt_path, rank, world)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        if extra is not None:
-            extra.load_state_dict(ck["opt_extra"])
-        history, start = ck["history"], ck["epoch"]
-        print(f"resumed {out} from the checkpoint of epoch {start}: continuing with epoch {start + 1}")
-    resolved = getattr(model, "resolved", {})
-    if rank == 0:
-        # run.json lets `summarize` show runs in progress; log.csv is rewritten from the checkpoint's
-        # history, so that it never holds an epoch the checkpoint does not (a crash between the two)
-        atomic_json({**MARKER, **_plain_args(args), "resolved": resolved, "data": identity,
-                     "machine": machine_info(device)},
-                    os.path.join(out, "run.json"))
-        _write_log(out, history)
-        print(describe_schedule(args, resolved))  # the first line: what this run is
-        if getattr(args, "extended_from", None):
-            print(f"--epochs {args.epochs}: extending the run from {args.extended_from} epochs")
-        if start == 0:
-            print(f"{args.method} {args.arch} {args.dataset}: "
-                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters in training, "
-                  f"{n_train} training images, device {device} x{world}, amp {'bf16' if amp else 'off'}")
-    stop = _STOP if _STOP is not None else Interrupt()
-    stop.done, stop.phase = start, "training"
-    agree = _Agreement(world)  # every process stops after the same step
-    progress = Progress(len(train_data), args.batch_size) if rank == 0 and sys.stdout.isatty() else None
-    for epoch in range(start, args.epochs):
-        lr = _set_lr(opt, args, epoch)
-        # randomness inside a step (e.g. MCL's negatives) depends on (seed, epoch, rank) only: exact resume
-        torch.manual_seed(args.seed * 10_007 + epoch + 1_000_003 * rank)
-        model.train()
-        if hasattr(model, "on_epoch"):
-            model.on_epoch(epoch, hold)
-        t0 = time.time()
-        sums, names, first_bad, bad_terms, n_steps, stopping = None, None, None, None, 0, 0
-        for step, (x, y, idx) in enumerate(train_data.epoch(epoch)):
-            names, vals = train_step(model, step_model, opts, x, y, idx, epoch, amp)
-            if sums is None:  # loss sums and the first non-finite step stay on the device until the epoch ends
-                sums = torch.zeros_like(vals)
-                first_bad = torch.full((), -1, device=vals.device)
-                bad_terms = torch.zeros_like(vals, dtype=torch.bool)
-            sums += vals
-            finite = torch.isfinite(vals)
-            new_bad = (first_bad < 0) & ~finite.all()
-            first_bad = torch.where(new_bad, step, first_bad)
-            bad_terms = torch.where(new_bad, ~finite, bad_terms)
-            n_steps += 1
-            if progress:
-                progress.step(epoch, args.epochs, n_steps)
-            stopping = agree(stop.hit)
-            if stopping:
-                break
-        if progress:
-            progress.clear()
-        if stopping:  # run() says so and exits 128 + the signal; the checkpoint of `epoch` epochs is kept
-            agree.close()
-            raise Stopped(stopping, epoch, epoch)
-        if first_bad.item() >= 0:
-            bad = [n for n, b in zip(names, bad_terms.tolist()) if b]
-            raise NonFinite(f"non-finite loss at epoch {epoch + 1} step {first_bad.item() + 1} in term(s) "
-                            f"{', '.join(bad)}; stopped; the checkpoint of the last good epoch ({epoch}) is kept in {out}")
-        if world > 1:
-            dist.all_reduce(sums)
-            sums /= world
-            for b in model.buffers():  # one broadcast per epoch keeps BN statistics (and banks) identical
-                dist.broadcast(b, 0)
-        mean_terms = dict(zip(names, (sums / n_steps).tolist()))
-        seconds = time.time() - t0
-        tested = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
-        acc = evaluate(model, test_data, amp, world) if tested else dict.fromkeys(model.head_params())
-        row = {"epoch": epoch + 1, "lr": lr, **mean_terms, **acc, "seconds": round(seconds, 2),
-               "images_per_second": round(n_train / seconds, 1)}
-        history.append(row)
-        if rank == 0:  # the checkpoint first, then the log row: the log never runs ahead of the checkpoint
-            try:
-                atomic_save({**MARKER, "model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                             **({"opt_extra": extra.state_dict()} if extra is not None else {}),
-                             "history": history, "args": _plain_args(args), "data": identity}, ckpt_path)
-            except (DiskFull, RunFolderError) as e:
-                kept = f"the checkpoint of epoch {epoch} is intact" if epoch else "no checkpoint was written yet"
-                raise type(e)(f"{e}; {kept}: free space (or fix the folder), then --resume") from None
-            _log(out, row, list(mean_terms), list(acc), model.deploy, args.epochs, header=epoch == start)
-            stop.done = epoch + 1
-        if args.halt_after and epoch + 1 >= args.halt_after and epoch + 1 < args.epochs:
-            agree.close()
-            print(f"halted after epoch {epoch + 1} (--halt-after)")
-            return
-    stopping = agree.close(stop.hit)  # a signal while the last epoch was evaluated and saved
-    if stopping:
-        raise Stopped(stopping, args.epochs, args.epochs, before_final=True)
-    stop.phase = "final"  # a signal from here on stops at once: the run is finished only with final.json
-    train_top1 = None  # overfitting shows as training top-1 far above test top-1: measured once, at the end
-    if args.dataset != "imagenet":
-        k = min(len(tx), TRAIN_EVAL_IMAGES)
-        train_top1 = evaluate(model, Loader(tx[:k], ty[:k], mean, std, device, 1000, False, rank=rank, world=world,
-                                            channels_last=True), amp, world)
-    if rank == 0 or world > 1:
-        with torch.no_grad():  # a checksum of the weights per rank: DDP must keep them identical
-            sums = [float(sum(p.double().sum() for p in model.parameters()))]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, sums[0])
-            sums = gathered
-        if rank == 0:
-            _final(args, out, model, history, sums, device, train_top1, resolved, identity)
+def _validate(p, args):
+    """Every option's value against its check (and floats against nan/inf): one line, nothing written."""
+    for a in p._actions:
+        v = getattr(args, a.dest, None)
+        if v is None or isinstance(v, bool):
+            continue
+        name = a.option_strings[0] if a.option_strings else a.dest
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                p.error(f"argument {name}: {x} is not a finite number")
+            check = getattr(a, "check", None)
+            if check and not CHECKS[check][0](x):
+                p.error(f"argument {name}: {x} {CHECKS[check][1]}")
 
 
-def train_step(model, step_model, opts, x, y, idx, epoch, amp):
-    """One optimizer step (of each optimizer in `opts`, one backward pass). Returns the term names and
-    their values as one device tensor (no host sync). amp: bf16 autocast on the batch's device type."""
-    opts = opts if isinstance(opts, (list, tuple)) else [opts]
-    with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
-        loss, terms = step_model(x, y, idx, epoch)
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in opts:
-        opt.step()
-    if hasattr(model, "after_step"):
-        model.after_step()
-    return ["loss", *terms], torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+def _devices(gpus):
+    """'0,1' -> ['cuda:0', 'cuda:1']; with no CUDA -> as many 'cpu' entries, with a warning."""
+    if gpus == "cpu":
+        return ["cpu"]
+    ids = [g.strip() for g in gpus.split(",")]
+    if not all(g.isdigit() for g in ids):  # '' and '0,' included: an empty entry is no GPU
+        raise ValueError(f"--gpus {gpus!r}: expected GPU indices like 0 or 0,1,2,3, or 'cpu'")
+    twice = sorted({g for g in ids if ids.count(g) > 1}, key=int)
+    if twice:
+        raise ValueError(f"--gpus {gpus}: GPU {','.join(twice)} given twice; each process needs a GPU of its own "
+                         f"(give each index once)")
+    if not torch.cuda.is_available():
+        print(f"warning: CUDA is not available; training on the CPU ({len(ids)} process(es)) instead of --gpus {gpus}",
+              file=sys.stderr)
+        return ["cpu"] * len(ids)
+    n = torch.cuda.device_count()
+    bad = [g for g in ids if int(g) >= n]
+    if bad:
+        raise ValueError(f"--gpus {gpus}: no GPU {','.join(bad)} (this machine has {n}: 0..{n - 1})")
+    return [f"cuda:{g}" for g in ids]
 
 
-def _plain_args(args):
-    return {k: v for k, v in vars(args).items() if k != "devices"}
+def run_dir(args):
+    arch = args.arch.replace(",", "+")
+    return args.out or os.path.join("runs", f"{args.method}-{arch}-{args.dataset}-s{args.seed}")
 
 
-def data_identity(args, data):
-    """What identifies a run's data, for its record and for --resume: the data set, the number of
-    training and test images, and a checksum of the training labels in their order."""
-    import hashlib
-    if data is None:
-        return None
-    train, test = (data[0], data[1]) if args.dataset == "imagenet" else (data[1], data[3])
-    labels = [t[1] for t in train] if args.dataset == "imagenet" else train.tolist()
-    return {"dataset": args.dataset, "train_images": len(labels), "test_images": len(test),
-            "labels_sha256": hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]}
+# ---- Protocol defaults: what an option left out means
+
+# the training protocol of each kind of dataset: what an option left out means (lr None: 0.1 x batch/256)
+# --schedule left out: the protocol's milestones at the same fractions of --epochs (150/300, 225/300).
+PROTOCOL = {"cifar": {"epochs": 300, "lr": 0.1, "batch_size": 128, "wd": 5e-4, "schedule": [150, 225],
+                      "train_images": 50_000},
+            "imagenet": {"epochs": 90, "lr": None, "batch_size": 256, "wd": 1e-4, "schedule": [30, 60, 80],
+                         "image_size": 224, "train_images": 1_281_167}}
 
 
-def machine_info(device):
-    """Where a run ran, for its record: the GPU's name or the CPU's model, torch/CUDA/cuDNN/Python
-    versions, threads, and the git commit of this file's folder ("+dirty" when tracked files differ;
-    None when it is not a git checkout, e.g. a method file copied elsewhere)."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-        except OSError:
-            pass
-    commit, here = None, os.path.dirname(os.path.abspath(__file__))
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
-        head = git("rev-parse", "HEAD")
-        if head.returncode == 0:
-            commit = head.stdout.strip()[:12] + ("+dirty" if git("status", "--porcelain", "-uno").stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if device.startswith("cuda") else None,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "commit": commit}
+def protocol_defaults(p, args):
+    """Fill in the options that were not given with the dataset's PROTOCOL (before any validation).
+    The filled-in values are what checkpoints store, so --resume compares like with like."""
+    imagenet = args.dataset == "imagenet"
+    if not imagenet and args.image_size is not None:
+        p.error("--image-size applies to --dataset imagenet only (CIFAR images are 32x32)")
+    P = PROTOCOL["imagenet" if imagenet else "cifar"]
+    args.scaled = getattr(args, "scaled", None) or []  # options derived from --epochs (named in the first log line)
+    for k in RUN_SETTINGS:
+        if k in P and getattr(args, k) is None:
+            setattr(args, k, list(P[k]) if isinstance(P[k], list) else P[k])
+            if k == "schedule" and args.epochs != P["epochs"]:  # same fractions of a shorter/longer run
+                args.schedule = sorted({m for m in (_scale(m, args.epochs, P["epochs"]) for m in P[k])
+                                        if 0 < m < args.epochs})
+                args.scaled.append("schedule")
+    if args.epochs > 0:
+        for a in p._actions:  # options counted in epochs (ramp-ups): the same fraction of training
+            if hasattr(a, "protocol_epochs") and getattr(args, a.dest) is None:
+                setattr(args, a.dest, max(1, _scale(a.protocol_epochs, args.epochs, P["epochs"])))
+                if getattr(args, a.dest) != a.protocol_epochs:
+                    args.scaled.append(a.dest)
+    if args.lr is None:  # Goyal et al.'s linear scaling, the torchvision/ImageNet reference
+        args.lr = 0.1 * args.batch_size / 256
 
 
-@torch.no_grad()
-def evaluate(model, data, amp, world=1):
-    """Top-1 accuracy (%) of every head; counts stay on the device until the end."""
-    model.eval()
-    correct, n = None, 0
-    for x, y, _ in data.epoch():
-        with torch.autocast(y.device.type, torch.bfloat16, enabled=amp):
-            heads = model.heads(x)
-        hits = torch.stack([(z.argmax(1) == y).sum() for z in heads.values()])
-        correct = hits if correct is None else correct + hits
-        n += len(y)
-    total = torch.tensor([n], device=correct.device)
-    if world > 1:
-        dist.all_reduce(correct)
-        dist.all_reduce(total)
-    model.train()
-    return {k: round(100.0 * c / total.item(), 2) for k, c in zip(heads, correct.tolist())}
+def _scale(value, epochs, protocol_epochs):
+    """round(value * epochs / protocol_epochs), halves rounded up, in integers."""
+    return (2 * value * epochs + protocol_epochs) // (2 * protocol_epochs)
 
 
-def _log(out, row, term_names, head_names, deploy, epochs, header=False):
-    """One fixed-width line per epoch (the column names first in every process) and the row in log.csv."""
-    if header:
-        print(f"{'epoch':>9} {'lr':>7} | " + " ".join(f"{t:>8}" for t in term_names) + " | "
-              + " ".join(f"{h + ('*' if h == deploy else ''):>9}" for h in head_names) + " | s/ep     img/s")
-    print(f"{row['epoch']:>4}/{epochs:<4} {row['lr']:7.4f} | " + " ".join(f"{row[t]:8.4f}" for t in term_names)
-          + " | " + " ".join(f"{row[h]:9.2f}" if row[h] is not None else f"{'-':>9}" for h in head_names)
-          + f" | {row['seconds']:5.1f} {row['images_per_second']:9.0f}", flush=True)
-    path = os.path.join(out, "log.csv")
-    try:
-        with open(path, "rb") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = b""
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(row))
-    if not old:
-        w.writeheader()
-    w.writerow(row)
-    try:  # the whole file again, atomically: a full disk leaves the previous log.csv, never a truncated one
-        atomic_write(path, lambda f: f.write(old + text.getvalue().encode()), len(old))
-    except (DiskFull, RunFolderError) as e:
-        raise type(e)(f"{e}; the checkpoint of epoch {row['epoch']} is intact (log.csv is rewritten from it): "
-                      f"free space (or fix the folder), then --resume") from None
+def run_fraction(args, n_train):
+    """This run's optimizer steps as a fraction of the dataset protocol's run (300 epochs of 50,000 CIFAR
+    images at batch 128, or 90 epochs of ImageNet's 1,281,167 at 256). Lengths counted in steps (PCL's
+    EMA horizon) scale by it, so they stay the same fraction of training when a run is shorter."""
+    P = PROTOCOL["imagenet" if args.dataset == "imagenet" else "cifar"]
+    ref = P["epochs"] * math.ceil(P["train_images"] / P["batch_size"])
+    return args.epochs * math.ceil(n_train / args.batch_size) / ref
 
 
-def _write_log(out, history):
-    """log.csv as the checkpoint's history says (atomically): what a resume continues from."""
-    path = os.path.join(out, "log.csv")
-    if not history:
-        if os.path.exists(path):
-            os.remove(path)
+# ---- --recipe paper: the method's own recipe (its PAPER dict)
+
+def apply_recipe(args, paper, given):
+    """--recipe paper: the method's paper recipe (`paper`, a dict of option -> value) for every option
+    not given. Its milestones belong to its own epochs: with another --epochs they scale with it."""
+    if args.recipe != "paper":
         return
-
-    def write(f):
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-        f.write(text.getvalue().encode())
-    atomic_write(path, write)
-
-
-def describe_schedule(args, resolved):
-    """One line: the learning-rate schedule, the ramp-ups and derived settings in force, and which
-    were scaled to --epochs."""
-    lr = "cosine" if args.cosine else (f"x0.1 at epochs {' '.join(map(str, args.schedule))}" if args.schedule
-                                       else "constant")
-    extra = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("rampup", "warmup", "init") if hasattr(args, k)]
-    opt = getattr(args, "optimizer", "sgd")  # a method's own --optimizer (OEC-KD): momentum and Nesterov are SGD's
-    opt = f"{'no ' if args.no_nesterov else ''}Nesterov" if opt == "sgd" else f"optimizer {opt}"
-    extra += [f"{k} {v}" for k, v in resolved.items()]
-    scaled = getattr(args, "scaled", [])
-    return (f"recipe {getattr(args, 'recipe', 'protocol')}: {args.epochs} epochs, batch {args.batch_size}, "
-            f"lr {args.lr:g} {lr}, wd {args.wd:g}, {opt}, "
-            f"{getattr(args, 'padding', 'zeros')} padding, {getattr(args, 'norm', 'dataset')} statistics"
-            + "".join(f", {e}" for e in extra)
-            + (f" (scaled to --epochs: {', '.join(scaled + list(resolved))})" if scaled or resolved else ""))
+    for k, v in paper.items():
+        if k not in given:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    own = paper.get("epochs", PROTOCOL["cifar"]["epochs"])  # the epochs the recipe's milestones belong to
+    if "schedule" in paper and "schedule" not in given and "epochs" in given and args.epochs != own:
+        args.schedule = sorted({m for m in (_scale(m, args.epochs, own) for m in paper["schedule"])
+                                if 0 < m < args.epochs})
+        args.scaled = ["schedule"]
 
 
-class Progress:
-    """On a terminal: one line rewritten in place during an epoch (steps, images/s, time left), at
-    most twice a second. It reads only the wall clock, never a device value: no host sync."""
+# ---- Stored settings: what --resume takes from the run it continues
 
-    def __init__(self, steps, batch_size):
-        self.steps, self.batch, self.t0, self.last = steps, batch_size, None, 0.0
+def _merge_stored(p, args, given):
+    """--resume: options not typed take the run's stored values; typed ones must equal them, except a
+    larger --epochs, which extends the run (its stored milestones and ramp-ups stay as they were)."""
+    _check_run_dir_kind(run_dir(args))  # a folder this repository did not make is not read as a run either
+    try:
+        stored, source = stored_settings(run_dir(args))
+    except (RuntimeError, FileNotFoundError) as e:
+        fail(f"--resume: {e}")
+    if stored is None:
+        return False
+    diff = []
+    for k, v in stored.items():
+        if k in INHERITED and k not in given:  # how it ran: the same unless told otherwise
+            setattr(args, k, v)
+        if k in RUN_CONTROL or k in RECORDS:  # how it ran, and records: not compared
+            continue
+        if k not in given:
+            setattr(args, k, v)
+        elif getattr(args, k, None) != v and not (k == "epochs" and args.epochs > v):
+            diff.append(f"--{k.replace('_', '-')} {v!r} ({source}) vs {getattr(args, k)!r} (now)")
+    if stored.get("method", args.method) != args.method:
+        diff.insert(0, f"method {stored['method']!r} ({source}) vs {args.method!r} (now)")
+    if diff:
+        fail(f"--resume: the run in {run_dir(args)} was made with other settings: " + "; ".join(diff))
+    if args.epochs > stored.get("epochs", args.epochs):
+        args.extended_from = stored["epochs"]
+    return True
 
-    def step(self, epoch, epochs, done):
-        now = time.time()
-        if done == 1:
-            self.t0 = now
+
+def stored_settings(out):
+    """(settings, source) of the run in folder `out`: the checkpoint's arguments when there is one (what
+    the weights were trained with), else run.json's (a run stopped in its first epoch); (None, None)."""
+    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
+    if os.path.isfile(ckpt):
+        return _load_once(ckpt)["args"], "checkpoint"
+    if os.path.isfile(started):
+        try:
+            with open(started) as f:
+                return json.load(f), "run.json"
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot read {started} ({e})") from None
+    return None, None
+
+
+def stored_data(out):
+    """(identity, source): what identified the data of the run in `out` (data_identity): the checkpoint's,
+    else run.json's (checkpoints of older versions do not hold it); (None, None) when none is recorded."""
+    ckpt, started = os.path.join(out, "checkpoint.pt"), os.path.join(out, "run.json")
+    if os.path.isfile(ckpt):
+        ck = _load_once(ckpt)
+        if isinstance(ck, dict) and isinstance(ck.get("data"), dict):
+            return ck["data"], "checkpoint"
+    rec = _read_json(started)
+    if isinstance(rec, dict) and isinstance(rec.get("data"), dict):
+        return rec["data"], "run.json"
+    return None, None
+
+
+_LOADED = {}  # path -> ((mtime, size), checkpoint): the start reads a checkpoint's settings and data once
+
+
+def _load_once(path):
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    if _LOADED.get(path, (None,))[0] != key:
+        _LOADED.clear()
+        _LOADED[path] = (key, load_checkpoint(path))
+    return _LOADED[path][1]
+
+
+# ---- The sets of names that look alike, together: each comment says how the set differs from the others
+
+# not options: what run.json, final.json, bench.json and checkpoints carry, the mark of a run folder this file
+# made. --force, --resume and --bench act only on a folder with it (or on a new or empty folder, or one an older
+# version of this file made: see classify_run_dir); run_format counts changes of the folder's layout
+MARKER = {"made_by": "online-kd common.py", "run_format": 1}
+
+# how a run runs, not what it trains: the options that may change between a run and its --resume (every other
+# option must match); with the marker's keys, records rather than options, which summarize.py never counts as settings
+RUN_CONTROL = {"resume", "force", "gpus", "data_dir", "out", "compile", "amp", "no_amp", "bench", "halt_after",
+               "workers", "eval_every", *MARKER}
+
+# the part of RUN_CONTROL a bare `--resume` takes from the stored run when they are not given (the rest: as typed)
+INHERITED = {"data_dir", "gpus", "workers", "compile", "amp", "no_amp", "eval_every"}
+
+# what the run trains with, and what PROTOCOL fills in when left out (so --resume compares like with like)
+RUN_SETTINGS = ("epochs", "lr", "batch_size", "wd", "schedule", "image_size")
+
+# not options: what a stored run records beside its options, which --resume neither takes nor compares as such
+# (the method is checked on its own)
+RECORDS = ("method", "resolved", "data", "machine")
+
+# the options every version of this file stored, from the first on: how run.json / final.json args / checkpoint
+# args of a folder made before MARKER are recognised (their bench.json: _LEGACY_BENCH, part 5)
+_LEGACY_ARGS = {"method", "arch", "dataset", "epochs", "lr", "batch_size", "seed", "gpus", "resume", "force",
+                "halt_after"}
+
+
+# ---- Teacher checkpoints (kd.py, sokd.py, reviewkd.py): checked against the options before run()
+
+def load_teacher(path, arch, dataset, num_classes, args=None, default_arch="resnet110"):
+    """A baseline.py checkpoint as (arch, Net with its weights, one-line description), for kd.py, sokd.py
+    and reviewkd.py. Raises ValueError, naming the baseline.py command that trains a fitting teacher, when
+    the file is missing or unreadable, or holds another architecture (arch=None: any), dataset or class
+    count. default_arch: the teacher named in that command when arch is None. With the run's args, also
+    another normalisation is refused and another padding warned about (check_teacher; its warnings printed)."""
+    try:
+        ck = load_checkpoint(path, "teacher checkpoint")
+    except (FileNotFoundError, RuntimeError) as e:
+        a = arch or default_arch
+        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
+                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
+    meta = ck.get("args") if isinstance(ck, dict) else None
+    model = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in ARCHS:
+        raise ValueError(f"{path} is not a baseline.py checkpoint (no 'args' with a known 'arch' and 'model'); "
+                         + _train_teacher_hint(arch or default_arch, dataset))
+    t_arch, t_data = meta["arch"], meta.get("dataset")
+    if (arch is not None and arch != t_arch) or t_data != dataset:
+        raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
+                         f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
+                         + _train_teacher_hint(arch or t_arch, dataset))
+    if args is not None:
+        for w in check_teacher(path, meta, args, ck.get("data")):
+            print(f"warning: {w}", file=sys.stderr)
+    net = build_model(t_arch, num_classes)
+    try:
+        net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
+                         + _train_teacher_hint(t_arch, dataset)) from None
+    hist = ck.get("history")
+    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
+    desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
+            + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
+    return t_arch, net, desc
+
+
+def _train_teacher_hint(arch, dataset):
+    return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
+
+
+def check_teacher(path, teacher_args, args, teacher_data=None, data=None):
+    """Whether a teacher checkpoint fits this run (sokd.py; kd.py, reviewkd.py): teacher_args is the
+    checkpoint's "args" (baseline.py's options), teacher_data its "data" (data_identity; None for
+    checkpoints of older versions), data this run's identity when known. Raises ValueError, in one line
+    naming the setting, for what makes the teacher's predictions wrong: another dataset, other
+    normalisation statistics (--norm). Returns warnings (one line each) for what only shifts its inputs:
+    another --padding, another --image-size (imagenet), other training data of the same dataset."""
+    t = teacher_args if isinstance(teacher_args, dict) else {}
+    t_data, t_norm, t_pad = t.get("dataset"), t.get("norm", "dataset"), t.get("padding", "zeros")
+    hint = f"train a teacher with `python baseline.py --arch {t.get('arch', '?')} --dataset {args.dataset}"
+    if t_data != args.dataset:
+        raise ValueError(f"teacher checkpoint {path} was trained on {t_data}, this run is on {args.dataset}: "
+                         f"{hint}`")
+    norm = getattr(args, "norm", "dataset")
+    if args.dataset != "imagenet" and t_norm in (*NORMS, "dataset") and \
+            _norm_stats(t_data, t_norm) != _norm_stats(args.dataset, norm):
+        fmt = lambda s: "mean " + "/".join(f"{v:g}" for v in s[0]) + ", std " + "/".join(f"{v:g}" for v in s[1])
+        raise ValueError(f"teacher checkpoint {path} was trained with --norm {t_norm} "
+                         f"({fmt(_norm_stats(t_data, t_norm))}), this run normalises with --norm {norm} "
+                         f"({fmt(_norm_stats(args.dataset, norm))}): the teacher would see differently scaled "
+                         f"images; pass --norm {t_norm}, or {hint} --norm {norm}`")
+    warn = []
+    if args.dataset != "imagenet" and t_pad != getattr(args, "padding", "zeros"):
+        warn.append(f"teacher {path} was trained with --padding {t_pad}, this run crops with --padding "
+                    f"{args.padding}: the teacher sees training crops unlike its own (test images are the same)")
+    if args.dataset == "imagenet" and t.get("image_size") not in (None, getattr(args, "image_size", None)):
+        warn.append(f"teacher {path} was trained with --image-size {t['image_size']}, this run uses "
+                    f"{args.image_size}")
+    if isinstance(teacher_data, dict) and isinstance(data, dict):
+        diff = [f"{k} {teacher_data[k]} vs {data.get(k)} now" for k in ("train_images", "labels_sha256")
+                if k in teacher_data and teacher_data[k] != data.get(k)]
+        if diff:
+            warn.append(f"teacher {path} was trained on other {args.dataset} training data ({'; '.join(diff)})")
+    return warn
+
+
+def _norm_stats(dataset, norm):
+    if dataset == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return NORMS[norm] if norm in NORMS else DATASETS[dataset][5:7]
+
+
+# =================================================================================================
+# 5. RUN FOLDER
+# what a run may write, and where: the lock, --force, atomic writes, how a signal (Ctrl-C) stops a run.
+# =================================================================================================
+
+# files a run writes in its folder: --force removes these (and retired records) and nothing else
+RUN_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json", "bench.json", "improved_teacher.pt")
+_TRAINING_FILES = ("run.json", "log.csv", "checkpoint.pt", "final.json")
+_TEMP_FILE = re.compile(r"^\.tmp-(?:(?:" + "|".join(map(re.escape, RUN_FILES)) + r")-)?[a-z0-9_]{8}$")  # atomic_write's
+_RETIRED = re.compile(r"^final-\d+-epochs\.json$")  # the record of a finished run that --epochs then extended
+# what the bench.json of every earlier version of this file holds (their run.json: _LEGACY_ARGS, part 4)
+_LEGACY_BENCH = {"method", "arch", "batch_size", "steps", "images_per_second", "seconds_per_step"}
+_LOCK = None  # the open lock file of this process's run folder, held until the process ends
+
+
+def _check_run_dir_kind(out):
+    """Refuse, in one line and before anything is written, a --out that is a file or a folder this
+    repository did not make. Returns classify_run_dir's kind."""
+    kind, why = classify_run_dir(out)
+    if kind == "file":
+        fail(f"--out {out} is a file, not a folder: give a folder for the run")
+    if kind == "unreadable":
+        fail(f"cannot read the run folder {out} ({why}): choose another --out")
+    if kind == "foreign":
+        fail(f"{out} is not a run folder of this repository ({why}); nothing in it was changed: "
+             f"choose another --out")
+    return kind
+
+
+def classify_run_dir(out):
+    """What `out` is to the commands that write into it, as (kind, why):
+      absent   nothing there yet
+      empty    a folder holding nothing but a lock and atomic_write's temp files
+      ours     run.json, final.json or bench.json carries MARKER: a run (or bench) folder of this repository
+      legacy   made by an earlier version of this file (no marker): its run.json or final.json holds this
+               parser's options, or its bench.json this file's fields; or, as the oldest versions left it,
+               a checkpoint.pt alone whose weights-only load holds those options (it is then treated as a
+               run folder: --resume continues it and writes the marker, --force starts it over)
+      foreign  anything else (why says what was found): nothing is written or removed there
+      file     not a folder;  unreadable: a folder that cannot be listed (why: the OS's words)"""
+    if not os.path.lexists(out):
+        return "absent", ""
+    if not os.path.isdir(out):
+        return "file", ""
+    try:
+        names = [n for n in os.listdir(out) if n != ".lock" and not _TEMP_FILE.match(n)]
+    except OSError as e:
+        return "unreadable", e.strerror or str(e)
+    if not names:
+        return "empty", ""
+    rec = {n: _read_json(os.path.join(out, n)) for n in ("run.json", "final.json", "bench.json") if n in names}
+    if any(isinstance(r, dict) and r.get("made_by") == MARKER["made_by"] for r in rec.values()):
+        return "ours", ""
+    if _has(rec.get("run.json"), _LEGACY_ARGS) or _has((rec.get("final.json") or {}).get("args"), _LEGACY_ARGS) \
+            or _has(rec.get("bench.json"), _LEGACY_BENCH):
+        return "legacy", ""
+    if "checkpoint.pt" in names and not rec:
+        try:
+            ck = _load_once(os.path.join(out, "checkpoint.pt"))
+        except (RuntimeError, OSError) as e:
+            return "foreign", str(e)
+        if isinstance(ck, dict) and "model" in ck and _has(ck.get("args"), _LEGACY_ARGS):
+            return "legacy", ""
+    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+    return "foreign", f"it holds {shown} and no run.json, final.json or bench.json written by its common.py"
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _has(d, keys):
+    return isinstance(d, dict) and keys <= d.keys()
+
+
+def _finished(out, args):
+    """True when `out` holds a finished run of --epochs (final.json), which --resume leaves as it is."""
+    rec = _read_json(os.path.join(out, "final.json"))
+    return isinstance(rec, dict) and rec.get("epochs") == args.epochs
+
+
+def _prepare_run_dir(args, out, kind):
+    """Create and lock the run folder; then, under the lock: remove what a killed writer left (temp files);
+    with --force, the previous run's files; with --resume, retire a final.json of fewer epochs (an
+    extension: summarize then shows the run as unfinished). Returns what _undo_start needs."""
+    created = kind == "absent"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _folder_error(e, out, "create the run folder") from None
+    made = {"created": created, "bench": bool(args.bench)}
+    try:
+        try:
+            _lock_run_dir(out)
+            _remove_temp_files(out)
+            if not args.bench:
+                _clean_run_dir(args, out, kind)
+        except OSError as e:
+            raise _folder_error(e, out, "prepare the run folder") from None
+    except BaseException:  # refused (another process holds it), an OS error, a signal: a new folder goes again
+        if created and not [n for n in os.listdir(out) if n != ".lock"]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return made
+
+
+def _lock_run_dir(out):
+    """An exclusive lock on out/.lock for this process's whole life: a second process on the same run
+    folder is refused. The OS releases it when the process ends, however it ends (no stale lock)."""
+    global _LOCK
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer per folder is then up to the user
+        return
+    try:
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _folder_error(e, out, "lock the run folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        fail(f"run folder {out} is in use by another process (pid {holder}); wait for it to end or stop it")
+    try:  # the pid is for the line above only: a full disk here changes nothing
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:
+        pass
+    _LOCK = fd
+
+
+def _unlock():
+    """Release the run folder (the OS does it anyway when the process ends; run() in a longer-lived
+    process, e.g. a test or a notebook, releases it when the run is over)."""
+    global _LOCK
+    if _LOCK is not None:
+        os.close(_LOCK)
+        _LOCK = None
+
+
+def _remove_temp_files(out):
+    """atomic_write's temp files left by a writer that was killed (a checkpoint's: as large as one)."""
+    gone = []
+    for n in os.listdir(out):
+        if _TEMP_FILE.match(n):
+            try:
+                os.remove(os.path.join(out, n))
+                gone.append(n)
+            except FileNotFoundError:
+                pass
+    return gone
+
+
+def _clean_run_dir(args, out, kind):
+    """Under the lock: --force removes the previous run's files; --resume retires a final.json of fewer
+    epochs (renamed final-<epochs>-epochs.json)."""
+    final, ckpt = os.path.join(out, "final.json"), os.path.join(out, "checkpoint.pt")
+    if args.force and kind in ("ours", "legacy"):
+        removed = []
+        for name in sorted(os.listdir(out)):
+            if name in RUN_FILES or _RETIRED.match(name):
+                os.remove(os.path.join(out, name))
+                removed.append(name)
+        if removed:
+            print(f"--force: starting over in {out}; removed {', '.join(removed)}")
+    elif args.resume and os.path.isfile(final):
+        rec = _read_json(final)
+        old = rec.get("epochs") if isinstance(rec, dict) and isinstance(rec.get("epochs"), int) else None
+        name = f"final-{old if old is not None else getattr(args, 'extended_from', 0)}-epochs.json"
+        os.replace(final, os.path.join(out, name))  # a rename: no space needed, and the record is kept
+        print(f"--resume: {out} is no longer finished: its final.json (a {old}-epoch run) is now {name}", flush=True)
+    if args.resume and not os.path.isfile(ckpt):
+        print(f"--resume: no checkpoint in {out} yet; starting the run from epoch 1")
+
+
+def _undo_start(out, made):
+    """After a failure or a stop before this start's first checkpoint: undo what the start wrote (never
+    another file). log.csv goes; run.json goes too unless the folder holds other files (a user's, a bench):
+    it stays their marker; a folder this start created goes when nothing else is in it. Returns a note."""
+    if not made or not os.path.isdir(out) or os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        return ""
+    try:
+        return _undo(out, made)
+    except OSError as e:
+        return f" ({out} could not be cleaned: {e.strerror or e})"
+
+
+def _undo(out, made):
+    _remove_temp_files(out)
+    if not made["bench"]:
+        for name in ("log.csv", "final.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    others = [n for n in os.listdir(out) if n not in ("run.json", ".lock")]
+    if made["bench"] or others:
+        if made["bench"] and made["created"] and not others:
+            shutil.rmtree(out, ignore_errors=True)
+            return f" (nothing was kept: {out} removed)"
+        return "" if made["bench"] else f" (no checkpoint was written: {out}/log.csv removed, run.json kept)"
+    if os.path.exists(os.path.join(out, "run.json")):
+        os.remove(os.path.join(out, "run.json"))
+    if made["created"]:
+        shutil.rmtree(out, ignore_errors=True)  # holds nothing but the lock now
+        return f" (nothing was kept: {out} removed)"
+    return f" (no checkpoint was written: the run files of {out} removed)"
+
+
+def _kept_epoch(out, known=None):
+    """Epochs in the run's checkpoint (known: as the loop counted them), 0 when there is none."""
+    if known:
+        return known
+    try:
+        return int(load_checkpoint(os.path.join(out, "checkpoint.pt"))["epoch"])
+    except (FileNotFoundError, RuntimeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def _kept(out, epochs, note=""):
+    return (f"the checkpoint of epoch {epochs} is kept in {out}: --resume continues from it" if epochs else
+            f"there is no checkpoint{note or ', nothing was kept'}: the next start begins at epoch 1")
+
+
+# ---- Atomic writes: a crash or a full disk leaves the old file whole
+
+def atomic_write(path, write, size_hint=0):
+    """write(f) into a temp file in the same folder (.tmp-<name>-XXXXXXXX), fsync, rename: a crash or a full
+    disk leaves the old file whole, never a 0-byte or truncated one, and no temp file (a killed writer's is
+    removed by the next start in that folder, under its lock). The file gets the umask's mode, like any
+    other file written here. A full disk raises DiskFull naming the folder and the space needed, another OS
+    error RunFolderError, in one line."""
+    folder = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}-")
+        os.fchmod(fd, 0o666 & ~_umask()) if hasattr(os, "fchmod") else None  # mkstemp makes it 0600
+        with _open_temp(fd) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        cause = _os_cause(e) if isinstance(e, Exception) else None
+        if cause is None or cause.errno is None:  # not the OS's: a bug in write(), shown as it is
+            raise
+        if cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFull(f"disk full while writing {path}: {_free_mib(folder)} MiB free in {folder}, "
+                           f"about {max(size_hint, 2**20) / 2**20:.0f} MiB needed") from None
+        raise _folder_error(cause, path, "write") from None
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write; the previous file's size is the space a full disk is told to free."""
+    hint = os.path.getsize(path) if os.path.exists(path) else 0
+    atomic_write(path, lambda f: torch.save(obj, f), hint)
+
+
+def atomic_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one-line errors for missing, truncated or unsafe files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"cannot load {what} {path}: not a valid checkpoint or unsafe to unpickle ({first})") from None
+
+
+def _open_temp(fd):
+    return os.fdopen(fd, "wb")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _os_cause(e):
+    """The OSError behind e: e itself, or the one a library's error was raised while handling (torch.save
+    turns a failed write into a RuntimeError of its own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _folder_error(e, path, doing):
+    """A one-line error for OSError e met while `doing` (e.g. 'write') `path`."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+        return DiskFull(f"disk full while trying to {doing} {path}: {_free_mib(folder)} MiB free in {folder}")
+    return RunFolderError(f"cannot {doing} {path} ({e.strerror or e}): choose a writable --out, or fix the "
+                          f"folder's permissions")
+
+
+def _free_mib(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f}"
+    except OSError:
+        return "?"
+
+
+# ---- Signals: how a run stops (README "When things go wrong")
+
+class Stop(KeyboardInterrupt):
+    """A stop at once: a second signal in training ("again"), or one during start-up ("startup") or the
+    final evaluation ("final"). Unwinds to run(), which says what was kept."""
+
+    def __init__(self, signum, where):
+        super().__init__(signum)
+        self.signum, self.where = signum, where
+
+
+class Stopped(Exception):
+    """The training loop stopped after a step on a signal (every process at the same step): epoch is the
+    0-based epoch it stopped in, kept the epochs in the checkpoint; before_final: all epochs were done."""
+
+    def __init__(self, signum, epoch, kept, before_final=False):
+        super().__init__(signum)
+        self.signum, self.epoch, self.kept, self.before_final = signum, epoch, kept, before_final
+
+
+class Interrupt:
+    """This process's answer to SIGINT, SIGTERM and SIGHUP (those not ignored: under nohup SIGHUP stays
+    ignored), by phase:
+      startup, prepared  stop at once (Stop): nothing of the run exists yet, or the start is undone
+      training           the first signal sets `hit`: the loop stops after the current step (every process
+                         at the same step) and keeps the last full epoch; a second one stops at once
+      final              (the final evaluation and final.json) stop at once: the run is not finished
+      done               final.json is written: the run is finished, the signal changes nothing
+      launcher           (the parent of the --gpus processes) passed on: SIGUSR1 for the first, SIGUSR2 for
+                         the second; the processes stop together and the launcher says how
+    A process started by the launcher (child: the launcher's shared [first, second] signal numbers) ignores
+    INT/TERM/HUP (the launcher got them too); SIGUSR1 counts as a first signal in every phase but final,
+    SIGUSR2 stops at once."""
+
+    def __init__(self, phase="training", child=None, install=True):
+        self.hit, self.done, self.phase, self.child = 0, 0, phase, child  # done: epochs in the checkpoint
+        self.verbose, self.stopping, self.count, self.procs, self.shared = True, False, 0, [], None
+        self._old = {}
+        if install:
+            self.install()
+
+    def install(self):
+        sigs = STOP_SIGNALS if self.child is None else (signal.SIGUSR1, signal.SIGUSR2)
+        for s in sigs:
+            try:
+                if self.child is None and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # ignored by whoever started us (nohup): left ignored
+                self._old[s] = signal.signal(s, self._handle)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def restore(self):
+        for s, h in self._old.items():
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old = {}
+
+    def _handle(self, signum=signal.SIGINT, frame=None):
+        if self.phase == "done" or self.stopping:
             return
-        if now - self.last < 0.5:
+        if self.phase == "launcher":
+            return self._forward(signum)
+        if self.child is not None:
+            again = signum == getattr(signal, "SIGUSR2", None)
+            signum = self.child[1 if again else 0] or signal.SIGTERM  # the launcher's signal (0: it died)
+            if again or self.phase == "final":
+                self._stop(signum, "again" if again else "final")
+            if not self.hit:
+                self._first(signum)
             return
-        self.last = now
-        rate = (done - 1) * self.batch / (now - self.t0)
-        left = (self.steps - done) * self.batch / rate
-        print(f"\r  epoch {epoch + 1}/{epochs}: step {done}/{self.steps}, {rate:.0f} img/s, {left:.0f} s left ",
-              end="", flush=True)
+        if self.hit and self.phase == "training":
+            self._stop(signum, "again")
+        if self.phase != "training":
+            self._stop(signum, "final" if self.phase == "final" else "startup")
+        self._first(signum)
 
-    def clear(self):
-        if self.last:
-            print("\r\033[K", end="", flush=True)
-            self.last = 0.0
+    def _first(self, signum):
+        self.hit = signum
+        if not self.verbose:
+            return
+        kept = (f"--resume continues from the checkpoint of epoch {self.done}" if self.done else
+                "no epoch is complete yet, so there is no checkpoint: --resume starts the run over from epoch 1")
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {_signame(signum)}"
+        print(f"\ninterrupted ({_signame(signum)}): stopping after this step ({kept}); {again} stops at once",
+              flush=True)
+
+    def _stop(self, signum, where):
+        self.stopping = True  # further signals while stopping change nothing
+        raise Stop(signum, where)
+
+    def _forward(self, signum):
+        self.count += 1
+        first = self.count == 1
+        if self.shared is not None:
+            self.shared[0 if first else 1] = signum
+        for p in self.procs:
+            try:
+                os.kill(p.pid, signal.SIGUSR1 if first else signal.SIGUSR2)
+            except (ProcessLookupError, OSError):
+                pass
 
 
-TRAIN_EVAL_IMAGES = 10_000  # final.json's "train_last": top-1 on the first (un-augmented) training images
+_STOP = None  # this process's Interrupt while run() (or a --gpus process) runs
 
 
-def _final(args, out, model, history, rank_sums, device, train_top1=None, resolved=None, identity=None):
-    heads = [k for k in history[-1] if k in model.head_params()]
-    best = {h: max(((r[h], r["epoch"]) for r in history if r[h] is not None), key=lambda t: t[0]) for h in heads}
-    final = {**MARKER, "method": args.method, "arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
-             "seed": args.seed, "deploy": model.deploy, "last": {h: history[-1][h] for h in heads},
-             "best": {h: list(v) for h, v in best.items()}, "params": model.head_params(),
-             "train_last": train_top1, "resolved": resolved or {},
-             "seconds": round(sum(r["seconds"] for r in history), 1),
-             "images_per_second": round(sum(r["images_per_second"] for r in history) / len(history), 1),
-             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-             "processes": len(rank_sums), "rank_param_sums": rank_sums,
-             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
-             "data": identity,
-             "machine": machine_info(device), "args": _plain_args(args)}
-    atomic_json(final, os.path.join(out, "final.json"))
-    if _STOP is not None:
-        _STOP.phase = "done"  # finished: a signal from now on changes nothing
-    d = model.deploy
-    others = ", ".join(f"{h} {a:.2f}" for h, a in final["last"].items() if h != d)
-    print(f"done: {d} (deployable) {final['last'][d]:.2f}% top-1 at the last epoch"
-          + (f"; {others}" if others else "") + f"; {out}/final.json")
+class _Agreement:
+    """Where every process stops: with one process, where its flag is set. Under DDP every step starts an
+    all-reduce (MAX) of the flag (the signal number, 0 for none) on a gloo group of CPU tensors and reads
+    the one started a step before, so that every process breaks after the same step, with no device sync."""
 
+    def __init__(self, world):
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.work = self.buf = None
+
+    def _wait(self):
+        if self.work is None:
+            return 0
+        self.work.wait()
+        self.work = None
+        return int(self.buf.item())
+
+    def __call__(self, flag):
+        if self.group is None:
+            return flag
+        agreed = self._wait()
+        self.buf = torch.tensor([flag], dtype=torch.int64)
+        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self, flag=0):
+        """Wait for the all-reduce in flight, then agree once more on `flag` (a signal since the last step)."""
+        if self.group is None:
+            return flag
+        agreed = self._wait()
+        buf = torch.tensor([flag], dtype=torch.int64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return max(agreed, int(buf.item()))
+
+
+# =================================================================================================
+# 6. BENCH
+# --bench N: the loop's images/s and the bare step's, on synthetic data on the device.
+# =================================================================================================
 
 def _bench(args, model, step_model, opt, data, device, amp, out):
     """Time --bench N training steps on synthetic data already on the device (no dataset read):

@@ -3,20 +3,24 @@
 Idea: K independent networks learn together; each is trained on the labels and on mimicking the
 other peers' predicted class distributions. No teacher, no shared layers.
 
-Loss of peer k:  CE(z_k, y) + 1/(K-1) * sum_{l != k} T^2 KL(p_l^T || p_k^T),  p_l detached.
+Loss of peer k:  CE(z_k, y) + 1/(K-1) * sum_{l != k} KD(z_k <- z_l),
+  KD(s <- t) = T^2 KL(p_t^T || p_s^T), p^T = softmax(z/T), summed over classes, averaged over the
+  batch, the target t detached: the distillation term of every method file here (their kd()).
 
 Deviations from the paper (all defaults follow the shared protocol in README.md):
   - One joint SGD step for all peers with the others' predictions detached, as every
     re-implementation does; the paper's Algorithm 1 updates the peers one after another,
     recomputing predictions between updates.
   - Recipe: the protocol (batch 128, 300 epochs, lr 0.1 x0.1 at 150/225, wd 5e-4, Nesterov, zero
-    padding) instead of the paper's batch 64, 200 epochs, x0.1 every 60 epochs, reflect padding.
+    padding) instead of the paper's batch 64, 200 epochs, x0.1 every 60 epochs, reflect padding
+    (`--recipe paper` sets these).
   - --T defaults to 1 as in the paper (no temperature); with T != 1 the KL is scaled by T^2.
 
 Heads: every peer ("peer1" ... deployable: peer1) and "ensemble" = mean of the peers' probabilities.
 
     python dml.py --arch resnet32 --dataset cifar100 --gpus 0
     python dml.py --arch resnet32,mobilenetv2 --peers 2       # one architecture per peer
+    python dml.py --arch resnet32 --dataset cifar100 --recipe paper   # the paper's batch 64, 200 epochs
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -32,11 +36,12 @@ def kd(student, teacher, T):
 
 
 def dml_loss(logits, y, T):
-    """Per peer k: CE(z_k, y) + 1/(K-1) sum_{l != k} KD(z_k <- z_l). Returns (total, ce, kl) summed over peers."""
+    """Per peer k: CE(z_k, y) + 1/(K-1) sum_{l != k} KD(z_k <- z_l), summed over peers.
+    Returns (total, {term: value})."""
     K = len(logits)
     ce = sum(F.cross_entropy(z, y) for z in logits)
     kl = sum(kd(logits[k], logits[l], T) for k in range(K) for l in range(K) if l != k) / (K - 1)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce": ce, "kd": kl}
 
 
 class DML(nn.Module):
@@ -50,8 +55,7 @@ class DML(nn.Module):
 
     def forward(self, x, y, idx, epoch):
         logits = [peer(x).float() for peer in self.peers]  # losses in fp32 under autocast
-        total, ce, kl = dml_loss(logits, y, self.T)
-        return total, {"ce": ce, "kd": kl}
+        return dml_loss(logits, y, self.T)
 
     def heads(self, x):
         logits = [peer(x) for peer in self.peers]

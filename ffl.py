@@ -6,7 +6,7 @@ A fusion module concatenates their last feature maps and learns a fused classifi
 fused classifier teaches every sub-network, and the sub-networks' ensemble (mean of logits) teaches
 the fused classifier back: knowledge goes round in both directions.
 
-Loss:  sum_i CE(z_i, y) + CE(z_f, y) + w(e) [sum_i T^2 KL(p_f^T || p_i^T) + T^2 KL(p_ens^T || p_f^T)],
+Loss:  sum_i CE(z_i, y) + CE(z_f, y) + w(e) [sum_i KD(z_i <- z_f) + KD(z_f <- z_ens)],
        z_f = Fusion(concat_i F_i), z_ens = mean_i z_i; every KD target (z_f, z_ens) detached.
 
 Fusion module (official our_network.py Fusion_module, generalised from 2 to N maps of C channels):
@@ -15,7 +15,7 @@ concat (N*C) -> depthwise 3x3 conv (no bias) + BN + ReLU -> 1x1 conv N*C -> C (n
 
 Deviations from the paper and the official code (Jangho-Kim/FFL-pytorch), and choices:
   - Recipe: the CIFAR protocol (wd 5e-4 for the sub-networks, zero padding). The official code uses
-    wd 1e-4 (pass --wd 1e-4 to match), reflect padding, and runs 301 epochs (0..300 inclusive);
+    wd 1e-4, reflect padding, and runs 301 epochs (0..300 inclusive): `--recipe paper` sets these;
     Nesterov and lr 0.1 x0.1 at 150/225 agree. The fusion module has its own weight decay,
     --fusion-wd, official value 1e-5.
   - Only the official code's shared-trunk setting (FFL-S), with N = --branches sub-networks
@@ -36,7 +36,7 @@ classifier) and "ensemble" = mean of the sub-networks' logits (the official code
 sub-networks and fused only).
 
     python ffl.py --arch resnet32 --dataset cifar100 --gpus 0
-    python ffl.py --arch resnet32 --wd 1e-4                       # the official weight decays
+    python ffl.py --arch resnet32 --dataset cifar100 --recipe paper   # wd 1e-4, 301 epochs, reflect padding
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -54,13 +54,13 @@ def kd(student, teacher, T):
 def ffl_loss(logits, fused, y, T, w):
     """sum_i CE(z_i, y) + CE(z_f, y) + w * [sum_i KD(z_i <- z_f) + KD(z_f <- mean_i z_i)]. Both targets
     are detached by kd(): z_f is not trained by the branches' KD, the ensemble not by the fused KD.
-    Returns (total, ce, ce_f, kd, fusion) with kd and fusion already multiplied by w."""
+    Returns (total, {term: value}) with "kd" and "fusion" already multiplied by w."""
     ensemble = torch.stack(logits).mean(0)
     ce = sum(F.cross_entropy(z, y) for z in logits)
     ce_f = F.cross_entropy(fused, y)
     kl = w * sum(kd(z, fused, T) for z in logits)
     fusion = w * kd(fused, ensemble, T)
-    return ce + ce_f + kl + fusion, ce, ce_f, kl, fusion
+    return ce + ce_f + kl + fusion, {"ce": ce, "ce_f": ce_f, "kd": kl, "fusion": fusion}
 
 
 class FFL(nn.Module):
@@ -82,8 +82,7 @@ class FFL(nn.Module):
         outs = [b(h, features=True) for b in self.branches]  # (logits, pooled feature, feature map) each
         logits = [z.float() for z, _, _ in outs]  # losses in fp32 under autocast
         fused = self.fusion(torch.cat([f for _, _, f in outs], 1)).float()  # maps not detached (official)
-        total, ce, ce_f, kl, fusion = ffl_loss(logits, fused, y, self.T, common.ramp_up(epoch, self.rampup))
-        return total, {"ce": ce, "ce_f": ce_f, "kd": kl, "fusion": fusion}
+        return ffl_loss(logits, fused, y, self.T, common.ramp_up(epoch, self.rampup))
 
     def heads(self, x):
         h = self.trunk(x)

@@ -11,10 +11,10 @@ positions flipped), and the self-distillation decoders (transposed convs, traine
 shallow maps from its last map) rebuild shallow-map targets from student i-1's shifted map (for student i)
 and from the fused map (for the leader). A(F) = mean_c F_c^2, the attention map of a feature map F.
 
-Loss:  sum_i [CE(z_i, y) + T^2/(M-1) sum_{j!=i} KL(p_j^T || p_i^T)] + l_div sum_{i>=1} [Div(A(F_i), A(F_{i-1}))
-       + SD(F_i, D_i(shift(F_{i-1})))] + CE(z_f, y) + T^2 KL(p_ens^T || p_f^T) + CE(z_l, y)
-       + T^2 KL(p_f^T || p_l^T) + l_fus [AT(A(F_l), A(F_f)) + AT(A(TF(F_l)), A([F_1..F_M])) + SD(F_l, D_l(F_f))]
-       + l_sd sum_{D in decoders} Rec(D),  every target detached, every l warmed up.
+Loss:  sum_i [CE(z_i, y) + 1/(M-1) sum_{j!=i} KD(z_i <- z_j)] + l_div sum_{i>=1} [Div(A(F_i), A(F_{i-1}))
+       + SD(F_i, D_i(shift(F_{i-1})))] + CE(z_f, y) + KD(z_f <- z_ens) + CE(z_l, y) + KD(z_l <- z_f)
+       + l_fus [AT(A(F_l), A(F_f)) + AT(A(TF(F_l)), A([F_1..F_M])) + SD(F_l, D_l(F_f))]
+       + l_sd sum_{D in decoders} Rec(D),  every target detached, every l warmed up; z_ens = mean_i z_i.
   F = a net's last feature map; z_f, F_f = fusion([F_1..F_M] detached); TF = the leader's trans-fusion head;
   AT(a, b) = mean (a/|a| - b/|b|)^2 per sample; Div and shift: see diversity_loss and shift_features;
   SD(F, targets) = sum_k AT(A(F^k), A(target^k)) over the shallow stages k; Rec: see decoder_loss.
@@ -37,11 +37,13 @@ Deviations from the official code (SJLeo/FFSD: CIFARTrainer.py, options.py, mode
     1 from index 4 on. --warmup 5 is scaled with --epochs (a shorter run warms up faster); 0: none.
   - Decoders: Adam (fused: same update, no host sync), lr 1e-3, wd 1e-4 (--decoder-lr, --decoder-wd;
     official: Adam's default lr, wd = the nets' 1e-4), through extra_optimizer(); their lr follows the
-    SGD schedule (on_epoch), as the official code steps a MultiStepLR on them too. Their targets come
-    from an eval-mode pass (running BN statistics) before their training pass, as in the official order.
+    SGD schedule (on_epoch: --decoder-lr x common.lr_factor), as the official code steps a MultiStepLR on
+    them too. Their targets come from an eval-mode pass (running BN statistics) before their training
+    pass, as in the official order.
   - Recipe: the protocol. Official: wd 1e-4, reflect padding, 299 epochs (1..299, lr drops after 150
-    and 225 of them), the best leader epoch reported; the fusion module decays with --fusion-wd 1e-5
-    as there. The official fusion classifier has 100 outputs whatever the dataset; here the dataset's.
+    and 225 of them; `--recipe paper` sets these), the best leader epoch reported; the fusion module
+    decays with --fusion-wd 1e-5 as there. The official fusion classifier has 100 outputs whatever the
+    dataset; here the dataset's.
   - Other backbones: the decoders take each stage's width and resolution (ResNet, WRN: the official
     halving of widths); a stage that keeps the resolution gets a stride-1 ConvTranspose. DenseNet's
     maps are its stage outputs (after the transitions), not the official dense-block outputs. The
@@ -60,8 +62,6 @@ oracle, not reproduced).
     python ffsd.py --arch resnet32 --dataset cifar100 --gpus 0
     python ffsd.py --arch resnet32 --recipe paper     # the official recipe (wd 1e-4, 299 epochs, reflect)
 """
-import math
-
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
 import torch.nn as nn
@@ -123,28 +123,32 @@ def decoder_loss(outs, maps):
 
 
 def student_loss(logits, maps, sd_targets, y, T, l_div):
-    """Student i: CE(z_i, y) + T^2/(M-1) sum_{j!=i} KL(p_j^T || p_i^T) and, for i >= 1 (0-based),
-    l_div [Div(A(F_i), A(F_{i-1})) + SD(maps_i, sd_targets[i-1])]. Every other student's output is a target."""
+    """Student i: CE(z_i, y) + 1/(M-1) sum_{j!=i} KD(z_i <- z_j) and, for i >= 1 (0-based),
+    l_div [Div(A(F_i), A(F_{i-1})) + SD(maps_i, sd_targets[i-1])]. Every other student's output is a target.
+    Returns (total, {term: value}), summed over the students."""
     M = len(logits)
     ce = sum(F.cross_entropy(z, y) for z in logits)
     kl = sum(kd(logits[i], logits[j], T) for i in range(M) for j in range(M) if j != i) / (M - 1)
     div = l_div * sum(diversity_loss(attention(maps[i][-1]), attention(maps[i - 1][-1])) for i in range(1, M))
     sd = l_div * sum(sd_loss(maps[i], sd_targets[i - 1]) for i in range(1, M))  # l_div: the official weight
-    return {"ce": ce, "kd": kl, "div": div, "sd": sd}
+    return ce + kl + div + sd, {"ce": ce, "kd": kl, "div": div, "sd": sd}
 
 
 def fusion_loss(z_f, logits, y, T):
-    """CE(z_f, y) + T^2 KL(p_ens^T || p_f^T), z_ens = mean_i z_i detached by kd()."""
-    return {"ce_f": F.cross_entropy(z_f, y), "fusion": kd(z_f, torch.stack(logits).mean(0), T)}
+    """CE(z_f, y) + KD(z_f <- z_ens), z_ens = mean_i z_i detached by kd(). Returns (total, {term: value})."""
+    ce_f, fusion = F.cross_entropy(z_f, y), kd(z_f, torch.stack(logits).mean(0), T)
+    return ce_f + fusion, {"ce_f": ce_f, "fusion": fusion}
 
 
 def leader_loss(z_l, maps_l, tf, z_f, f_f, cat, sd_target, y, T, l_fus):
-    """CE(z_l, y) + T^2 KL(p_f^T || p_l^T) + l_fus [AT(A(F_l), A(F_f)) + AT(A(TF(F_l)), A(cat))
-    + SD(maps_l, sd_target)]; z_f, F_f, cat (the students' last maps) and the decoder's targets are detached."""
-    return {"ce_l": F.cross_entropy(z_l, y), "kd_l": kd(z_l, z_f, T),
-            "fuse_l": l_fus * at_loss(attention(maps_l[-1]), attention(f_f)),
-            "trans_l": l_fus * at_loss(attention(tf), attention(cat)),
-            "sd_l": l_fus * sd_loss(maps_l, sd_target)}
+    """CE(z_l, y) + KD(z_l <- z_f) + l_fus [AT(A(F_l), A(F_f)) + AT(A(TF(F_l)), A(cat))
+    + SD(maps_l, sd_target)]; z_f, F_f, cat (the students' last maps) and the decoder's targets are detached.
+    Returns (total, {term: value}), the feature terms already multiplied by l_fus."""
+    terms = {"ce_l": F.cross_entropy(z_l, y), "kd_l": kd(z_l, z_f, T),
+             "fuse_l": l_fus * at_loss(attention(maps_l[-1]), attention(f_f)),
+             "trans_l": l_fus * at_loss(attention(tf), attention(cat)),
+             "sd_l": l_fus * sd_loss(maps_l, sd_target)}
+    return sum(terms.values()), terms
 
 
 def stage_maps(net, x):
@@ -221,9 +225,10 @@ class FFSD(nn.Module):
             self.decoders.train(self.training)
         # each decoder learns to rebuild its net's maps from the net's last map (detached: trains the decoder only)
         rec = sum(decoder_loss(decode(d, m[-1].detach()), m) for d, m in zip(self.decoders, maps[1:] + [maps_l]))
-        terms = {**student_loss(logits, maps, sd_targets, y, self.T, l_div),
-                 **fusion_loss(z_f.float(), logits, y, self.T),
-                 **leader_loss(z_l.float(), maps_l, tf, z_f.float(), f_f, cat, sd_target_l, y, self.T, l_fus),
+        # the groups' terms ([1]); the loss is one sum over all of them in their logged order
+        terms = {**student_loss(logits, maps, sd_targets, y, self.T, l_div)[1],
+                 **fusion_loss(z_f.float(), logits, y, self.T)[1],
+                 **leader_loss(z_l.float(), maps_l, tf, z_f.float(), f_f, cat, sd_target_l, y, self.T, l_fus)[1],
                  "dec": l_sd * rec}
         return sum(terms.values()), terms
 
@@ -236,12 +241,9 @@ class FFSD(nn.Module):
         return self.decoder_opt
 
     def on_epoch(self, epoch, holdout):
-        """The decoders' lr follows the SGD schedule (x0.1 at each --schedule milestone, or --cosine)."""
-        a = self.args
-        f = 0.5 * (1 + math.cos(math.pi * epoch / a.epochs)) if a.cosine else \
-            0.1 ** sum(epoch >= m for m in a.schedule)
+        """The decoders' lr follows the SGD schedule: --decoder-lr times the schedule's factor of --lr."""
         for g in self.decoder_opt.param_groups:
-            g["lr"] = a.decoder_lr * f
+            g["lr"] = self.args.decoder_lr * common.lr_factor(self.args, epoch)
 
     def heads(self, x):
         outs = [s(x, features=True) for s in self.students]

@@ -4,7 +4,7 @@ on CIFAR-100 (Tian, Krishnan, Isola; ICLR 2020). https://arxiv.org/abs/1503.0253
 Idea: the offline reference of every distillation table. A teacher is trained first and frozen; the
 student learns from the labels and from the teacher's softened class distribution (temperature T).
 
-Loss (z_T teacher, z_S student; KD(s <- t) = T^2 KL(p_t^T || p_s^T), summed over classes, batch mean):
+Loss (z_T teacher, z_S student):
   0.1 CE(z_S, y) + 0.9 KD(z_S <- z_T),   T = 4,   z_T from the frozen teacher (no graph)
 
 Logged terms are the weighted ones, so that they add up to the loss: "ce" = 0.1 CE, "kd" = 0.9 KD.
@@ -37,9 +37,9 @@ an offline method's cost is the teacher's training plus the student's.
 
     python kd.py --arch resnet32 --dataset cifar100 --gpus 0   # reads runs/baseline-resnet110-cifar100-s0
     python kd.py --arch resnet8x4 --teacher runs/baseline-resnet32x4-cifar100-s0/checkpoint.pt
+    python kd.py --arch resnet32 --dataset cifar100 --recipe paper   # RepDistiller's batch 64, 240 epochs
 """
 import os
-import sys
 
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -55,10 +55,10 @@ def kd(student, teacher, T):
 
 
 def kd_loss(z_s, z_t, y, T, ce_weight=0.1, kd_weight=0.9):
-    """ce_weight CE(z_S, y) + kd_weight KD(z_S <- z_T). Returns (total, weighted ce, weighted kd)."""
+    """ce_weight CE(z_S, y) + kd_weight KD(z_S <- z_T). Returns (total, {term: value}), both terms weighted."""
     ce = ce_weight * F.cross_entropy(z_s, y)
     kl = kd_weight * kd(z_s, z_t, T)  # z_T: frozen teacher, no graph (kd() detaches it anyway)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce": ce, "kd": kl}
 
 
 # the tables' teacher of each student (RepDistiller README): where --teacher and --teacher-arch are left out
@@ -66,54 +66,11 @@ TEACHERS = {"resnet20": "resnet56", "resnet32": "resnet110", "resnet8x4": "resne
             "wrn_40_1": "wrn_40_2", "vgg8": "vgg13"}
 
 
-def _train_teacher_hint(arch, dataset):
-    return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
-
-
-def load_teacher(path, arch, dataset, num_classes, default_arch="resnet110", args=None):
-    """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
-    Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
-    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count.
-    default_arch: the teacher named in the hint when arch is None. With the run's args, also another
-    normalisation is refused and another padding warned about (common.check_teacher)."""
-    try:
-        ck = common.load_checkpoint(path, "teacher checkpoint")
-    except (FileNotFoundError, RuntimeError) as e:
-        a = arch or default_arch
-        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
-                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
-    meta = ck.get("args") if isinstance(ck, dict) else None
-    model = ck.get("model") if isinstance(ck, dict) else None
-    if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in common.ARCHS:
-        raise ValueError(f"{path} is not a baseline.py checkpoint (no 'args' with a known 'arch' and 'model'); "
-                         + _train_teacher_hint(arch or default_arch, dataset))
-    t_arch, t_data = meta["arch"], meta.get("dataset")
-    if (arch is not None and arch != t_arch) or t_data != dataset:
-        raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
-                         f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
-                         + _train_teacher_hint(arch or t_arch, dataset))
-    if args is not None:
-        for w in common.check_teacher(path, meta, args, ck.get("data")):
-            print(f"warning: {w}", file=sys.stderr)
-    net = common.build_model(t_arch, num_classes)
-    try:
-        net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
-                         + _train_teacher_hint(t_arch, dataset)) from None
-    hist = ck.get("history")
-    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
-    desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
-            + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
-    return t_arch, net, desc
-
-
 class KD(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
         if args.teacher:
-            _, self.teacher, _ = load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
+            _, self.teacher, _ = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
         else:  # --bench with no checkpoint only (main() checks): the step time does not depend on the weights
             self.teacher = common.build_model(args.teacher_arch, num_classes)
         self.teacher.requires_grad_(False)  # frozen: not in the optimizer, no weight decay either
@@ -133,8 +90,7 @@ class KD(nn.Module):
         with torch.no_grad():  # the frozen teacher: no graph, nothing reaches it
             z_t = self.teacher(x)
         z_s = self.student(x).float()  # losses in fp32 under autocast
-        total, ce, kl = kd_loss(z_s, z_t.float(), y, self.T, self.ce_weight, self.kd_weight)
-        return total, {"ce": ce, "kd": kl}
+        return kd_loss(z_s, z_t.float(), y, self.T, self.ce_weight, self.kd_weight)
 
     def heads(self, x):
         return {"student": self.student(x), "teacher": self.teacher(x)}
@@ -182,8 +138,8 @@ def main():
         args.teacher, args.teacher_arch = "", default or "resnet110"
     else:  # checked here, before common.run creates the run folder
         try:
-            args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.dataset_info(args)[0], default or "resnet110", args)
+            args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset,
+                                                             common.dataset_info(args)[0], args, default or "resnet110")
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

@@ -10,7 +10,7 @@ gives four ways to build the target (--variant), from every student's logits z_i
   general   sum_i w_i z_i, w = C^-1 1 / (1^T C^-1 1), C_ij = mean_k (p_i(x_k) - t_k).(p_j(x_k) - t_k)
             on held-out training images (t = one-hot), recomputed at the start of every epoch.
 
-Loss of student i:  CE(z_i, y) + lambda * T^2 KL(p_t^T || p_i^T),  z_t = target(z_1..z_m, y) detached.
+Loss of student i:  CE(z_i, y) + lambda * KD(z_i <- z_t),  z_t = target(z_1..z_m, y) detached.
 
 Deviations from the paper and choices where it is open (all defaults follow the shared protocol in README.md):
   1. --T 3 and --lam 1 are the protocol's values: the paper's T and lambda were not recovered.
@@ -33,13 +33,15 @@ Deviations from the paper and choices where it is open (all defaults follow the 
      the paper's split size was not recovered), so general trains on 45000 images. The weights start
      uniform and are recomputed before every epoch, the first included, and printed to the log.
   5. One joint SGD step for all students; the target is a constant of that step.
-  6. Recipe: the protocol (batch 128, 300 epochs, lr 0.1 x0.1 at 150/225, wd 5e-4, Nesterov).
+  6. Recipe: the protocol (batch 128, 300 epochs, lr 0.1 x0.1 at 150/225, wd 5e-4, Nesterov), which is
+     PCL's re-run recipe for KDCL; with no official code, `--recipe paper` changes nothing.
 
 Heads: every student ("peer1" ... deployable: peer1) and "ensemble" = mean of the students'
 probabilities (whatever the variant), all on the unaugmented test images.
 
     python kdcl.py --arch resnet32,wrn_16_2 --dataset cifar100 --gpus 0        # the paper's CIFAR pair; peer1 = ResNet-32
     python kdcl.py --arch resnet32 --peers 2 --variant general --val-size 5000
+    python kdcl.py --arch resnet32,wrn_16_2 --dataset cifar100 --recipe paper  # = the protocol
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -115,12 +117,13 @@ def soft_target(Z, y, variant, w=None):
 
 
 def kdcl_loss(logits, y, T, lam, variant, w=None):
-    """Per student i: CE(z_i, y) + lam * KD(z_i <- z_t). Returns (total, ce, lam * kd) summed over students."""
+    """Per student i: CE(z_i, y) + lam * KD(z_i <- z_t), summed over students. Returns (total, {term: value}),
+    "kd" already multiplied by lam."""
     Z = torch.stack(logits).detach()  # the target is a constant: no student is trained through it
     z_t = soft_target(Z, y, variant, w)
     ce = sum(F.cross_entropy(z, y) for z in logits)
     kl = lam * sum(kd(z, z_t, T) for z in logits)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce": ce, "kd": kl}
 
 
 class KDCL(nn.Module):
@@ -137,8 +140,7 @@ class KDCL(nn.Module):
 
     def forward(self, x, y, idx, epoch):
         logits = [peer(v).float() for peer, v in zip(self.peers, x)]  # losses in fp32 under autocast
-        total, ce, kl = kdcl_loss(logits, y, self.T, self.lam, self.variant, self.w)
-        return total, {"ce": ce, "kd": kl}
+        return kdcl_loss(logits, y, self.T, self.lam, self.variant, self.w)
 
     @torch.no_grad()
     def on_epoch(self, epoch, holdout):

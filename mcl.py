@@ -12,8 +12,8 @@ Loss:  sum_i CE(z_i, y) + 1.0 KD(z_last <- mean_i z_i) + 0.025 sum_{a != b} NCE(
 
 Deviations from the paper / official code (winycg/MCL-OKD), and choices where the spec was open:
   - Recipe: the protocol (batch 128, lr 0.1 x0.1 at 150/225, 300 epochs, Nesterov, wd 5e-4) instead of
-    the official batch 64, lr 0.05 cosine over 300 epochs; reproduce it with
-    `--batch-size 64 --lr 0.05 --cosine` (the official SGDR with T_0 = 300 epochs is a plain cosine).
+    the official batch 64, lr 0.05 cosine over 300 epochs, which `--recipe paper` sets (the official
+    SGDR with T_0 = 300 epochs is a plain cosine).
   - Negatives: K indices per image drawn uniformly WITH replacement from the images of the other
     classes, on the device at every step (a class-sorted index table; exact). The official data loader
     draws them without replacement (np.random.choice) when K is below the pool size.
@@ -32,7 +32,7 @@ Deviations from the paper / official code (winycg/MCL-OKD), and choices where th
     script's own default 16384 is used there for VGG-16 and HCGNet: pass --nce-k 16384).
   - NCE scores are computed in fp32 with autocast off and without a matmul (which may run in TF32 on
     CUDA): bf16 or TF32 dot products would blur exp(<.,.>/0.1).
-  - Logged terms "ce", "dot", "nce" are unweighted (the loss applies --dot-w and --nce-w).
+  - Logged terms "ce", "dot", "nce" are unweighted (mcl_loss applies --dot-w and --nce-w).
   - The official script reports the best epoch of the best head; here the last epoch, per head.
 
 Heads: every branch ("branch1" ... "branchK") and "ensemble" = mean of the branches' logits.
@@ -40,7 +40,7 @@ Deployable: the last branch ("branchK", branch4 by default), the only one that D
 ensemble: the paper's gain from DOT (ResNet-32 error 27.29 -> 24.52) is that branch's.
 
     python mcl.py --arch resnet32 --dataset cifar100 --gpus 0
-    python mcl.py --arch resnet32 --batch-size 64 --lr 0.05 --cosine     # the official recipe
+    python mcl.py --arch resnet32 --dataset cifar100 --recipe paper   # batch 64, lr 0.05, cosine (official)
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -104,6 +104,15 @@ def nce_loss(memory, emb, idx, neg, T, eps=1e-7):
     return total
 
 
+def mcl_loss(logits, memory, emb, idx, neg, y, T, nce_t, dot_w, nce_w):
+    """sum_i CE(z_i, y) + dot_w DOT + nce_w sum_{a != b} NCE(M_a, e_b). Returns (total, {term: value}),
+    the terms unweighted."""
+    ce = sum(F.cross_entropy(z, y) for z in logits)
+    dot = dot_loss(logits, T)
+    nce = nce_loss(memory, emb, idx, neg, nce_t)
+    return ce + dot_w * dot + nce_w * nce, {"ce": ce, "dot": dot, "nce": nce}
+
+
 class MCL(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
@@ -154,11 +163,8 @@ class MCL(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # the embedding in fp32, like the NCE scores it feeds
             emb = torch.stack([F.normalize(head(f.float()), dim=1) for head, (_, f, _) in zip(self.embed, outs)])
         neg = sample_negatives(y, self.nce_k, self.order, self.start, self.count)
-        ce = sum(F.cross_entropy(z, y) for z in logits)
-        dot = dot_loss(logits, self.T)
-        nce = nce_loss(self.memory, emb, idx, neg, self.nce_t)
         self._stash = (emb.detach(), idx)  # detached: the bank update in after_step is not part of the graph
-        return ce + self.dot_w * dot + self.nce_w * nce, {"ce": ce, "dot": dot, "nce": nce}
+        return mcl_loss(logits, self.memory, emb, idx, neg, y, self.T, self.nce_t, self.dot_w, self.nce_w)
 
     @torch.no_grad()
     def after_step(self):

@@ -7,7 +7,7 @@ paper's "pseudo teacher") and the others are compressed copies of it. The mean o
 logits teaches every student; student 1 also teaches the others stage by stage through 1x1
 adapters. One run trains N deployable models of N sizes (resnet32, N = 5: 0.47M down to 0.02M).
 
-Loss:  0.7 sum_k CE(z_k, y) + 0.15 sum_{b, k>=2} MSE(A_bk(F_bk), F_b1) + 0.15 sum_k T^2 KL(p_e^T || p_k^T),
+Loss:  0.7 sum_k CE(z_k, y) + 0.15 sum_{b, k>=2} MSE(A_bk(F_bk), F_b1) + 0.15 sum_k KD(z_k <- z_e),
        z_e = mean_k z_k, T = 2, no ramp-up; F_bk = student k's post-ReLU output of stage b, A_bk a 1x1
        conv with bias to student 1's width; z_e and F_b1 detached.
 
@@ -86,12 +86,13 @@ def feature_loss(maps, adapters):
 def oeckd_loss(logits, feat, y, T, w_ce, w_feat, w_kd):
     """w_ce sum_k CE(z_k, y) + w_feat L_feat + w_kd sum_k KD(z_k <- z_e), z_e = mean_k z_k. kd() detaches z_e:
     the ensemble target trains no student through itself, while every student, student 1 included, is
-    pulled toward it. Returns (total, ce, feat, kd, ce_e), weights applied; ce_e = CE(z_e, y) is logged only."""
+    pulled toward it. Returns (total, {term: value}), weights applied; "ce_e" = CE(z_e, y) is logged only."""
     z_e = torch.stack(logits).mean(0)
     ce = w_ce * sum(F.cross_entropy(z, y) for z in logits)
     kl = w_kd * sum(kd(z, z_e, T) for z in logits)
     feat = w_feat * feat
-    return ce + feat + kl, ce, feat, kl, F.cross_entropy(z_e.detach(), y)  # ce_e: no gradient, not in the loss
+    ce_e = F.cross_entropy(z_e.detach(), y)  # no gradient, not in the loss
+    return ce + feat + kl, {"ce": ce, "feat": feat, "kd": kl, "ce_e": ce_e}
 
 
 def stage_maps(student, h):
@@ -139,8 +140,7 @@ class OECKD(nn.Module):
         outs = [stage_maps(s, h) for s in self.students]
         logits = [z.float() for z, _ in outs]  # losses in fp32 under autocast
         feat = feature_loss([m for _, m in outs], self.adapters)
-        total, ce, feat, kl, ce_e = oeckd_loss(logits, feat, y, self.T, *self.weights)
-        return total, {"ce": ce, "feat": feat, "kd": kl, "ce_e": ce_e}
+        return oeckd_loss(logits, feat, y, self.T, *self.weights)
 
     def heads(self, x):
         h = self.stem(x)

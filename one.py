@@ -6,7 +6,7 @@ gate looks at the shared features and weights the branches' logits per sample; t
 is the teacher, trained on the labels with the branches, and each branch mimics it. At test time
 one branch alone ("ONE") costs what the plain backbone costs; the gated ensemble is "ONE-E".
 
-Loss:  sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 KL(p_e^T || p_i^T),  z_e = sum_i g_i z_i,
+Loss:  sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i KD(z_i <- z_e),  z_e = sum_i g_i z_i,
        g = softmax(ReLU(BN(W GAP(h)))) over branches, h = shared trunk output; z_e detached in KD only.
 
 Deviations from the paper and the official code (Lan1991Xu/ONE_NeurIPS2018), and choices:
@@ -28,7 +28,7 @@ Heads: every branch ("branch1" ... deployable: branch1 = "ONE") and "ensemble" =
 logits z_e ("ONE-E").
 
     python one.py --arch resnet32 --dataset cifar100 --gpus 0
-    python one.py --arch resnet32 --wd 1e-4 --no-nesterov        # the official optimiser
+    python one.py --arch resnet32 --dataset cifar100 --recipe paper   # the official scripts' recipe (above)
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -50,12 +50,12 @@ def teacher_logits(logits, g):
 
 def one_loss(logits, g, y, T, w):
     """sum_i CE(z_i, y) + CE(z_e, y) + w * sum_i KD(z_i <- z_e). z_e is trained (gate included) by its
-    CE only: kd() detaches it. Returns (total, ce, ce_e, kd) with kd already multiplied by w."""
+    CE only: kd() detaches it. Returns (total, {term: value}) with "kd" already multiplied by w."""
     z_e = teacher_logits(logits, g)
     ce = sum(F.cross_entropy(z, y) for z in logits)
     ce_e = F.cross_entropy(z_e, y)
     kl = w * sum(kd(z, z_e, T) for z in logits)
-    return ce + ce_e + kl, ce, ce_e, kl
+    return ce + ce_e + kl, {"ce": ce, "ce_e": ce_e, "kd": kl}
 
 
 class ONE(nn.Module):
@@ -80,8 +80,7 @@ class ONE(nn.Module):
     def forward(self, x, y, idx, epoch):
         h = self.trunk(x)
         logits = [b(h).float() for b in self.branches]  # losses in fp32 under autocast
-        total, ce, ce_e, kl = one_loss(logits, self.gate_weights(h), y, self.T, common.ramp_up(epoch, self.rampup))
-        return total, {"ce": ce, "ce_e": ce_e, "kd": kl}
+        return one_loss(logits, self.gate_weights(h), y, self.T, common.ramp_up(epoch, self.rampup))
 
     def heads(self, x):
         h = self.trunk(x)

@@ -53,6 +53,7 @@ peer's last stage + the Linear; the peers' classifiers are not part of it).
 
     python pcl.py --arch resnet32 --dataset cifar100 --gpus 0
     python pcl.py --arch resnet110b --dataset cifar100 --gpus 0,1     # PCL's "ResNet-110"
+    python pcl.py --arch resnet32 --dataset cifar100 --recipe paper   # = the protocol (PCL's own)
 """
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch

@@ -28,7 +28,7 @@ For a WRN (pre-activation blocks) the levels are the stage outputs, the last one
 BN-ReLU, as in the official wide_resnet_cifar.py; the teacher's pre-activation of a level is the BN
 that opens the next stage (the final BN for the last), without its ReLU. The teacher's pre-ReLU
 features are read by running its stages here (the last block's body + shortcut, then the ReLU), which
-computes exactly the network's own forward (tested), so common.py's networks are unchanged.
+computes exactly the network's own forward (tested), so common.py's networks need no hook for it.
 
 The teacher is a checkpoint written by baseline.py, loaded and checked exactly as sokd.py loads its
 teacher; train it first, e.g.
@@ -68,9 +68,10 @@ sokd.py). An offline method's cost is the teacher's training plus the student's.
 
     python reviewkd.py --arch resnet32 --dataset cifar100 --gpus 0   # reads runs/baseline-resnet110-cifar100-s0
     python reviewkd.py --arch wrn_40_1 --teacher runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt
+    python baseline.py --arch resnet56 --epochs 240 --schedule 151 181 211 --norm cifar10 --out runs/t56-paper
+    python reviewkd.py --arch resnet20 --recipe paper --teacher runs/t56-paper/checkpoint.pt   # item 2
 """
 import os
-import sys
 
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -94,6 +95,14 @@ def hcl(student, teacher):
             norm += w
         total = total + loss / norm
     return total
+
+
+def reviewkd_loss(z_s, outs, t_levels, y, w):
+    """CE(z_S, y) + w sum_i HCL(out_i, t_i), w = lambda min(1, e/W). Returns (total, {term: value}), "hcl"
+    already multiplied by w."""
+    ce = F.cross_entropy(z_s, y)
+    loss_hcl = w * hcl(outs, t_levels)
+    return ce + loss_hcl, {"ce": ce, "hcl": loss_hcl}
 
 
 def warm_up(epoch, length):
@@ -217,7 +226,7 @@ class ReviewKD(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
         if args.teacher:
-            t_arch, self.teacher, _ = load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
+            t_arch, self.teacher, _ = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
         else:  # --bench with no checkpoint only (main() checks): the step time does not depend on the weights
             t_arch, self.teacher = args.teacher_arch, common.build_model(args.teacher_arch, num_classes)
         self.teacher.requires_grad_(False)  # frozen: not in the optimizer, no weight decay either
@@ -242,61 +251,15 @@ class ReviewKD(nn.Module):
             t_levels, _ = features(self.teacher, x, pre_relu=True)
         s_levels, z_s = features(self.student, x)
         outs = review(self.abfs, s_levels)
-        ce = F.cross_entropy(z_s.float(), y)  # losses in fp32 under autocast
         w = self.lam * warm_up(epoch, self.warmup)  # a Python float: no host sync
-        loss_hcl = w * hcl([o.float() for o in outs], [f.float() for f in t_levels])
-        return ce + loss_hcl, {"ce": ce, "hcl": loss_hcl}
+        floats = lambda fs: [f.float() for f in fs]  # losses in fp32 under autocast
+        return reviewkd_loss(z_s.float(), floats(outs), floats(t_levels), y, w)
 
     def heads(self, x):
         return {"student": self.student(x), "teacher": self.teacher(x)}
 
     def head_params(self):
         return {"student": common.count_params(self.student), "teacher": common.count_params(self.teacher)}
-
-
-# ---- the teacher: a baseline.py checkpoint, loaded and checked as sokd.py does
-
-def _train_teacher_hint(arch, dataset):
-    return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
-
-
-def load_teacher(path, arch, dataset, num_classes, default_arch="resnet110", args=None):
-    """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
-    Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
-    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count.
-    default_arch: the teacher named in the hint when arch is None. With the run's args, also another
-    normalisation is refused and another padding warned about (common.check_teacher)."""
-    try:
-        ck = common.load_checkpoint(path, "teacher checkpoint")
-    except (FileNotFoundError, RuntimeError) as e:
-        a = arch or default_arch
-        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
-                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
-    meta = ck.get("args") if isinstance(ck, dict) else None
-    model = ck.get("model") if isinstance(ck, dict) else None
-    if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in common.ARCHS:
-        raise ValueError(f"{path} is not a baseline.py checkpoint (no 'args' with a known 'arch' and 'model'); "
-                         + _train_teacher_hint(arch or default_arch, dataset))
-    t_arch, t_data = meta["arch"], meta.get("dataset")
-    if (arch is not None and arch != t_arch) or t_data != dataset:
-        raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
-                         f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
-                         + _train_teacher_hint(arch or t_arch, dataset))
-    if args is not None:
-        for w in common.check_teacher(path, meta, args, ck.get("data")):
-            print(f"warning: {w}", file=sys.stderr)
-    net = common.build_model(t_arch, num_classes)
-    try:
-        net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
-                         + _train_teacher_hint(t_arch, dataset)) from None
-    hist = ck.get("history")
-    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
-    desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
-            + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
-    return t_arch, net, desc
 
 
 # --recipe paper: the official train.py: 240 epochs, batch 128, lr 0.1, Nesterov, wd 5e-4, the lr x0.1 after
@@ -341,8 +304,8 @@ def main():
         args.teacher, args.teacher_arch = "", default or "resnet110"
     else:  # checked here, before common.run creates the run folder
         try:
-            args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset, nc,
-                                                      default or "resnet110", args)
+            args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, nc,
+                                                             args, default or "resnet110")
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

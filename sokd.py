@@ -7,7 +7,7 @@ the teacher's (detached) penultimate-stage features. The teacher's trunk + the K
 teacher that learns from the labels, from the frozen teacher and from the student, while the
 student learns from the labels and from the KBM (mutual learning between student and KBM).
 
-Losses (z_T teacher, z_A teacher trunk + KBM, z_S student; KD(s <- t) = T^2 KL(p_t^T || p_s^T)):
+Losses (z_T teacher, z_A teacher trunk + KBM, z_S student):
   KBM:      CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S),   z_T, z_S detached
   student:  CE(z_S, y) + KD(z_S <- z_A) [+ w KD(z_S <- z_T), --kd-teacher w, default 0],  z_A detached
 
@@ -16,8 +16,9 @@ plus KBM <- student, and "kd_t" (only when --kd-teacher > 0) the weighted teache
 The loss is the sum of all of them; each module's parameters get gradient from its own terms only.
 
 The teacher is a checkpoint written by baseline.py (the "net.*" weights of "model"; its "args"
-give the architecture and dataset); train it first, e.g.
-    python baseline.py --arch wrn_40_2 --dataset cifar100 --epochs 200 --schedule 100 150 --no-nesterov
+give the architecture and dataset); train it first, with the normalisation (--norm) of the SOKD run
+that reads it, e.g.
+    python baseline.py --arch wrn_40_2 --dataset cifar100                  # for sokd.py under the protocol
 
 Deviations from the paper / official code (swlzq/Semi-Online-KD, trainer/sokd.py, models/wrn.py,
 configs/sokd.yaml), and choices where the spec was open:
@@ -54,9 +55,10 @@ writes the improved teacher as one plain network in baseline.py's checkpoint for
     python sokd.py --dataset cifar100 --gpus 0   # runs/baseline-wrn_40_2-cifar100-s0/checkpoint.pt -> wrn_40_1
     python sokd.py --arch resnet20 --teacher runs/baseline-resnet56-cifar100-s0/checkpoint.pt
     python sokd.py --export-teacher runs/sokd-wrn_40_1-cifar100-s0   # -> .../improved_teacher.pt
+    python baseline.py --arch wrn_40_2 --dataset cifar100 --recipe paper --out runs/sokd-teacher-paper
+    python sokd.py --dataset cifar100 --recipe paper --teacher runs/sokd-teacher-paper/checkpoint.pt
 """
 import os
-import sys
 
 import common  # before torch: a Ctrl-C while the imports run then ends in one line
 import torch
@@ -72,68 +74,40 @@ def kd(student, teacher, T):
 
 
 def bridge_loss(z_a, z_t, z_s, y, T):
-    """KBM: CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S). Returns (total, ce_b, kd_b)."""
+    """KBM: CE(z_A, y) + KD(z_A <- z_T) + KD(z_A <- z_S). Returns (total, {"ce_b": CE, "kd_b": both KDs})."""
     ce = F.cross_entropy(z_a, y)
     # z_S detached: the KBM's loss must not train the student (z_T has no graph: the teacher is frozen)
     kl = kd(z_a, z_t, T) + kd(z_a, z_s.detach(), T)
-    return ce + kl, ce, kl
+    return ce + kl, {"ce_b": ce, "kd_b": kl}
 
 
 def student_loss(z_s, z_a, z_t, y, T, w_t=0.0):
-    """Student: CE(z_S, y) + KD(z_S <- z_A) + w_t KD(z_S <- z_T). Returns (total, ce, kd, w_t kd_t)."""
+    """Student: CE(z_S, y) + KD(z_S <- z_A) + w_t KD(z_S <- z_T). Returns (total, {"ce", "kd"} and, only
+    when w_t > 0, "kd_t" = w_t KD(z_S <- z_T))."""
     ce = F.cross_entropy(z_s, y)
     kl = kd(z_s, z_a.detach(), T)  # z_A detached: the student's loss must not train the KBM
     kl_t = w_t * kd(z_s, z_t, T) if w_t else z_s.new_zeros(())  # z_T: frozen teacher, no graph
-    return ce + kl + kl_t, ce, kl, kl_t
+    return ce + kl + kl_t, {"ce": ce, "kd": kl, **({"kd_t": kl_t} if w_t else {})}
 
 
-def _train_teacher_hint(arch, dataset):
-    return f"train one with `python baseline.py --arch {arch} --dataset {dataset}`"
-
-
-def load_teacher(path, arch, dataset, num_classes, args=None):
-    """A baseline.py checkpoint as (arch, Net with its weights, one-line description).
-    Raises ValueError, naming the baseline.py command that trains a fitting teacher, when the file is
-    missing or unreadable, or holds another architecture (arch=None: any), dataset or class count; with
-    the run's args, also another normalisation (common.check_teacher, whose warnings are printed)."""
-    try:
-        ck = common.load_checkpoint(path, "teacher checkpoint")
-    except (FileNotFoundError, RuntimeError) as e:
-        a = arch or "wrn_40_2"
-        raise ValueError(f"{e}; {_train_teacher_hint(a, dataset)} (it writes "
-                         f"runs/baseline-{a}-{dataset}-s0/checkpoint.pt) or pass --teacher PATH") from None
-    meta = ck.get("args") if isinstance(ck, dict) else None
-    model = ck.get("model") if isinstance(ck, dict) else None
-    if not isinstance(meta, dict) or not isinstance(model, dict) or meta.get("arch") not in common.ARCHS:
-        raise ValueError(f"{path} is not a baseline.py checkpoint (no 'args' with a known 'arch' and 'model'); "
-                         + _train_teacher_hint(arch or "wrn_40_2", dataset))
-    t_arch, t_data = meta["arch"], meta.get("dataset")
-    if (arch is not None and arch != t_arch) or t_data != dataset:
-        raise ValueError(f"teacher checkpoint {path} holds a {t_arch} trained on {t_data}, not a "
-                         f"{arch or t_arch} on {dataset} (--teacher-arch / --dataset); "
-                         + _train_teacher_hint(arch or t_arch, dataset))
-    if args is not None:
-        for w in common.check_teacher(path, meta, args, ck.get("data")):
-            print(f"warning: {w}", file=sys.stderr)
-    net = common.build_model(t_arch, num_classes)
-    try:
-        net.load_state_dict({k[len("net."):]: v for k, v in model.items() if k.startswith("net.")})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"the weights in {path} do not fit a {t_arch} with {num_classes} classes ({first}); "
-                         + _train_teacher_hint(t_arch, dataset)) from None
-    hist = ck.get("history")
-    acc = hist[-1].get("net") if isinstance(hist, list) and hist and isinstance(hist[-1], dict) else None
-    desc = (f"a {t_arch} trained {ck.get('epoch', '?')}/{meta.get('epochs', '?')} epochs by {meta.get('method', '?')}"
-            + (f", last test top-1 {acc:.2f}%" if isinstance(acc, (int, float)) else ""))
-    return t_arch, net, desc
+def sokd_loss(z_s, z_a, z_t, y, T, w_t=0.0):
+    """The student's loss plus the KBM's: each module's parameters get gradient from its own terms only.
+    Returns (total, {term: value}), the terms in the order "ce", "kd" (student), "ce_b", "kd_b" (KBM),
+    then "kd_t" when w_t > 0."""
+    loss_b, bridge = bridge_loss(z_a, z_t, z_s, y, T)
+    loss_s, student = student_loss(z_s, z_a, z_t, y, T, w_t)
+    terms = {"ce": student["ce"], "kd": student["kd"], **bridge}
+    if "kd_t" in student:
+        terms["kd_t"] = student["kd_t"]
+    return loss_s + loss_b, terms
 
 
 class SOKD(nn.Module):
     def __init__(self, args, num_classes):
         super().__init__()
         if args.teacher:
-            t_arch, self.teacher, _ = load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes)
+            t_arch, self.teacher, _ = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes,
+                                                           default_arch="wrn_40_2")
         else:  # --bench with no checkpoint only (main() checks): the step time does not depend on the weights
             t_arch = args.teacher_arch or "wrn_40_2"
             self.teacher = common.build_model(t_arch, num_classes)
@@ -165,13 +139,7 @@ class SOKD(nn.Module):
         h, z_t = self.teacher_forward(x)
         z_a = self.bridge(h.detach()).float()  # h detached (no graph anyway): nothing reaches the teacher
         z_s = self.student(x).float()          # losses in fp32 under autocast
-        z_t = z_t.float()
-        loss_b, ce_b, kd_b = bridge_loss(z_a, z_t, z_s, y, self.T)
-        loss_s, ce, kl, kl_t = student_loss(z_s, z_a, z_t, y, self.T, self.kd_teacher)
-        terms = {"ce": ce, "kd": kl, "ce_b": ce_b, "kd_b": kd_b}
-        if self.kd_teacher:
-            terms["kd_t"] = kl_t
-        return loss_s + loss_b, terms
+        return sokd_loss(z_s, z_a, z_t.float(), y, self.T, self.kd_teacher)
 
     def heads(self, x):
         h, z_t = self.teacher_forward(x)
@@ -255,8 +223,8 @@ def main():
         args.teacher = ""
     else:  # checked here, before common.run creates the run folder
         try:
-            args.teacher_arch, _, desc = load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                      common.dataset_info(args)[0], args)
+            args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset,
+                                                             common.dataset_info(args)[0], args, "wrn_40_2")
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")
