@@ -15,7 +15,8 @@ Contents (each part starts with a line "# N. NAME"; search for it):
    6. BENCH (part 6)
    7. TOOLS: summarize.py and slurm_grid.sh, cifar10_from_jpeg.py, gpu_check.py
    8. EVERY METHOD: the scripts found against README's table, the kd() copies, each file next to common.py
-      alone, no name of this file defined twice, one loss convention, common.py's layout and imports
+      alone, no name of this file defined twice, one loss convention, the method files' skeleton, common.py's
+      layout and imports
    9-22. One part per method, in README's order: BASELINE, DML, CL, KDCL, ONE, OKDDIP, FFL, PCL, MCL, SOKD,
       FFSD, OECKD, KD, REVIEWKD. Each has the sub-sections it needs, in this order: loss by hand, gradient
       flow, counts and structure, end to end (with its options, host syncs and refusals), resume, DDP.
@@ -3046,6 +3047,28 @@ def test_common_imports_no_method_file_and_each_method_only_common():
     assert local_imports("common") == set()
     for name in METHODS:
         assert local_imports(name) == {"common"}, name
+
+
+def test_every_method_file_has_the_same_skeleton():
+    """The order a reader of any method file can rely on (README "How to add a method"): docstring, imports,
+    the losses and helpers, the method's class, PAPER, main() (parser -> common.parse -> common.run), and the
+    `if __name__ == "__main__": main()` line; nothing at the top level runs anything else."""
+    for name in METHODS:
+        body = ast.parse(_source(name)).body
+        kinds = [type(n).__name__ for n in body]
+        assert kinds[0] == "Expr" and isinstance(body[0].value, ast.Constant), f"{name}: docstring first"
+        last_import = max(i for i, k in enumerate(kinds) if k in ("Import", "ImportFrom"))
+        assert all(k in ("Import", "ImportFrom") for k in kinds[1:last_import + 1]), f"{name}: imports together"
+        assert set(kinds[last_import + 1:]) <= {"FunctionDef", "ClassDef", "Assign", "If"}, name
+        defs = {n.name: i for i, n in enumerate(body) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        paper = next(i for i, n in enumerate(body) if isinstance(n, ast.Assign) and n.targets[0].id == "PAPER")
+        main = body[defs["main"]]
+        run = [c for c in ast.walk(main) if isinstance(c, ast.Call) and ast.unparse(c.func) == "common.run"]
+        parse = [c for c in ast.walk(main) if isinstance(c, ast.Call) and ast.unparse(c.func) == "common.parse"]
+        assert len(run) == 1 and len(parse) == 1, f"{name}: main() parses with common.parse, runs with common.run"
+        method = ast.unparse(run[0].args[1])
+        assert defs[method] < paper < defs["main"] == len(body) - 2, f"{name}: class {method}, PAPER, main(), in order"
+        assert ast.unparse(body[-1]) == "if __name__ == '__main__':\n    main()", f"{name}: ends by calling main()"
 
 
 # =================================================================================================
