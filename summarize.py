@@ -312,6 +312,16 @@ def curve_series(root, done):
     return series
 
 
+def _save(plt, fig, out, name):
+    """Write a figure to out/name (PNG, 110 dpi), close it, say so on stderr; return the path."""
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
 def plot_curves(plt, series, out):
     """curves.png: every series drawn with markers, so that a run evaluated once is a visible point; the
     right panel repeats the last third of training, where the methods separate."""
@@ -330,12 +340,7 @@ def plot_curves(plt, series, out):
     axes[0].set_ylabel("test top-1 % (deployable head)")
     axes[1].set_title("the last third of training", fontsize=9)
     axes[1].legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-    return path
+    return _save(plt, fig, out, "curves.png")
 
 
 def plot_seeds(plt, done, out):
@@ -367,12 +372,7 @@ def plot_seeds(plt, done, out):
     ax.set_title(f"{shape[0]} on {shape[1]}: every seed (dots) and their mean (dash), methods by mean", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = os.path.join(out, "seeds.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-    return path
+    return _save(plt, fig, out, "seeds.png")
 
 
 # =================================================================================================
