@@ -109,6 +109,14 @@ def run_main(script, *argv):
         sys.argv = old
 
 
+def assert_refused(script, argv, msg, out, capsys):
+    """`python script.py argv --out out` ends in one error line containing msg, exit 2, and writes no run folder."""
+    with pytest.raises(SystemExit) as e:
+        run_main(script, *argv, "--out", out)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def cpu_env(**extra):
     """The environment of a CPU test's subprocess, also on a machine with GPUs: CUDA hidden (so that '--gpus 0,1'
     means two gloo processes on the CPU, as without CUDA), and this process's thread count (float sums, hence
@@ -3452,10 +3460,7 @@ def test_cl_training_step_has_no_host_sync(sharing, monkeypatch, tmp_path):
                                      (["--arch", "resnet8,resnet14"], "give a single --arch"),
                                      (["--sharing", "pairs"], "invalid choice: 'pairs'")])
 def test_cl_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main("cl", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    assert_refused("cl", [*TINY, "--data-dir", data, *bad], msg, tmp_path / "r", capsys)
 
 
 # ---- cl: resume
@@ -4364,10 +4369,7 @@ def test_oneffl_training_step_has_no_host_sync(script, monkeypatch, tmp_path):
                                             ("one", ["--arch", "resnet8,resnet14"], "give a single --arch"),
                                             ("ffl", ["--fusion-wd", "-1"], "argument --fusion-wd: -1.0 must be non-negative")])
 def test_oneffl_bad_arguments_are_refused(script, bad, msg, data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(script, *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    assert_refused(script, [*TINY, "--data-dir", data, *bad], msg, tmp_path / "r", capsys)
 
 
 # =================================================================================================
@@ -5262,10 +5264,7 @@ def test_ffsd_end_to_end(data, tmp_path):
                                      (["--decoder-lr", "0"], "argument --decoder-lr: 0.0 must be positive"),
                                      (["--fusion-wd", "-0.5"], "argument --fusion-wd: -0.5 must be non-negative")])
 def test_ffsd_bad_arguments_are_refused(bad, msg, data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main("ffsd", *TINY, "--data-dir", data, "--out", tmp_path / "r", *bad)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    assert_refused("ffsd", [*TINY, "--data-dir", data, *bad], msg, tmp_path / "r", capsys)
 
 
 # ---- ffsd: resume
@@ -5545,10 +5544,7 @@ def test_oeckd_recipe_paper_reaches_the_run(small_data, tmp_path, capsys, monkey
                                      (["--kd-w", "-1"], "argument --kd-w: -1.0 must be non-negative"),
                                      (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'")])
 def test_oeckd_bad_arguments_are_refused(bad, msg, small_data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main("oeckd", *TINY, "--data-dir", small_data, "--out", tmp_path / "r", *bad)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    assert_refused("oeckd", [*TINY, "--data-dir", small_data, *bad], msg, tmp_path / "r", capsys)
 
 
 # ---- oeckd: resume
