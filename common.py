@@ -2559,6 +2559,14 @@ class _Agreement:
 # --bench N: the loop's images/s and the bare step's, on synthetic data on the device.
 # =================================================================================================
 
+def _load_average():
+    """The machine's 1/5/15-minute load averages (None where the OS has none): how idle a bench ran."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _bench(args, model, step_model, opt, data, device, amp, out):
     """Time --bench N training steps on synthetic data already on the device (no dataset read):
     the loop's path (draw + augment each batch on the device, step, accumulate the terms) and the
@@ -2596,6 +2604,7 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    load_before = _load_average()
     it = batches()
     t0 = time.perf_counter()
     bare_steps(3, it)  # warm-up (cudnn autotuning, compilation)
@@ -2626,7 +2635,10 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp, "compile": args.compile,
-           "warmup_seconds": round(warmup, 2)}
+           "warmup_seconds": round(warmup, 2),
+           # where it ran, with what, and how busy the machine was (1/5/15-minute load averages, before and after)
+           "machine": machine_info(device), "args": _plain_args(args),
+           "load_average": {"before": load_before, "after": _load_average()}}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     atomic_json(res, os.path.join(out, "bench.json"))

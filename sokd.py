@@ -220,7 +220,7 @@ def main():
                                     "checkpoint.pt")
     if args.bench and not os.path.isfile(args.teacher):
         print(f"note: no teacher at {args.teacher}; --bench times a randomly initialised teacher")
-        args.teacher = ""
+        args.teacher, args.teacher_arch = "", args.teacher_arch or "wrn_40_2"
     else:  # checked here, before common.run creates the run folder
         try:
             args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset,

@@ -7,6 +7,8 @@ No method imports this file; every run writes its own record (run.json, log.csv,
     python summarize.py figures results/laptop # curves.png (test top-1 per epoch) and seeds.png
     python summarize.py readme [--check]       # README's generated tables, rewritten (or compared) from results/
     python summarize.py grid laptop            # the commands behind the laptop table, one per line
+    python summarize.py grid speed | bash      # every method's --bench, for README's speed table (idle machine)
+    python summarize.py results/speed          # the speed table over bench records (bench.json)
     python summarize.py speed                  # on-device data pipeline vs DataLoader; channels_last
 
 A table in README.md is the output of `python summarize.py FOLDER` pasted unchanged between the lines
@@ -232,17 +234,118 @@ def markdown(table, varying):
 
 
 def summarize(root, as_csv=False, plot=True, by_machine=False):
-    """Print the table of the runs under root (Markdown, or CSV) and, with plot, write its figures."""
-    table, varying = rows(root, by_machine)
+    """Print the table of the runs under root (Markdown, or CSV) and, with plot, write its figures. A folder
+    of bench records (bench.json, no run records) prints the speed table instead, and draws nothing."""
+    if os.path.isdir(root) and is_bench_folder(root):
+        table, varying, plot = bench_rows(root), None, False
+    else:
+        table, varying = rows(root, by_machine)
     if as_csv:
         w = csv.DictWriter(sys.stdout, fieldnames=list(table[0]) if table else ["method"])
         w.writeheader()
         w.writerows({k: _cell(v) if isinstance(v, dict) else v for k, v in r.items()} for r in table)
     else:
-        print(markdown(table, varying))
+        print(markdown(table, varying) if varying is not None else bench_markdown(table))
     if plot:
         figures(root)
     return table
+
+
+# =================================================================================================
+# The speed table: the bench.json records of `--bench` runs
+# =================================================================================================
+
+def read_benches(root):
+    """The bench.json dicts of the folders directly under root (a file that cannot be read is skipped
+    with a warning on stderr), each with its "folder"."""
+    out = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "bench.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                b = json.load(f)
+            if not isinstance(b, dict) or not isinstance(b.get("method"), str) or not _number(b.get("seconds_per_step")):
+                raise ValueError("no method or no seconds_per_step")
+        except (OSError, ValueError) as e:
+            print(f"warning: skipped {path}: not a readable bench file ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        out.append({**b, "folder": name})
+    return out
+
+
+def _bench_options(benches):
+    """{folder: "--peers 3 ..."}: the settings in which a bench differs from the other benches of its method."""
+    by_method, out = {}, {}
+    for b in benches:
+        by_method.setdefault(b["method"], []).append(b)
+    for fam in by_method.values():
+        sets = [{k: v for k, v in (b.get("args") or {}).items() if k not in NOT_SETTINGS} for b in fam]
+        keys = sorted(k for k in {k for s in sets for k in s}
+                      if len({json.dumps(s.get(k), default=str) for s in sets}) > 1)
+        for b, s in zip(fam, sets):
+            flags = []
+            for k in keys:
+                v, flag = s.get(k), "--" + k.replace("_", "-")
+                flags.append(flag if v is True else "" if v in (False, None) else f"{flag} {v}")
+            out[b["folder"]] = " ".join(f for f in flags if f)
+    return out
+
+
+def bench_rows(root):
+    """One row per bench record under root, by machine, then in LAPTOP_METHODS' order: step time, images/s, its cost
+    relative to the baseline's bench of the same arch, batch, machine, AMP and compile setting, the loop's
+    step time over the bare step's, peak memory, trained parameters, where it ran and the 1-minute load."""
+    benches = read_benches(root)
+    same = lambda b: json.dumps([b.get("arch"), b.get("batch_size"), _machine_key(b), b.get("amp"), b.get("compile")],
+                                default=str)
+    base = {same(b): b["seconds_per_step"] for b in benches if b["method"] == "baseline"}
+    options = _bench_options(benches)
+    order = {m: i for i, m in enumerate(LAPTOP_METHODS)}
+    table = []
+    for b in sorted(benches, key=lambda b: (same(b), order.get(b["method"], len(order)), b["method"], options[b["folder"]])):
+        a, ms = b.get("args") or {}, 1000 * b["seconds_per_step"]
+        load = (b.get("load_average") or {}).get("before")
+        table.append({
+            "method": b["method"], "options": options[b["folder"]], "arch": b.get("arch"),
+            "teacher": a.get("teacher_arch") or "", "batch": b.get("batch_size"), "params": b.get("params_trained"),
+            "ms_per_step": round(ms), "images_per_second": round(b["images_per_second"]),
+            "cost": round(b["seconds_per_step"] / base[same(b)], 2) if same(b) in base else None,
+            "loop_over_bare": b.get("loop_over_bare"), "peak_gb": round(b["peak_memory_bytes"] / 2**30, 1)
+            if _number(b.get("peak_memory_bytes")) else None,
+            "device": _device(b), "threads": _machine_key(b)["threads"] or b.get("threads"),
+            "load": load[0] if load else None, "commit": (b.get("machine") or {}).get("commit")})
+    return table
+
+
+def bench_markdown(table):
+    cols = ["method", "options", "arch", "teacher", "batch", "params trained", "ms/step", "img/s", "cost vs baseline",
+            "loop / bare", "peak memory", "device", "threads", "load (1 min)"]
+    keys = ["method", "options", "arch", "teacher", "batch", "params", "ms_per_step", "images_per_second", "cost",
+            "loop_over_bare", "peak_gb", "device", "threads", "load"]
+    fmt = {"cost": lambda v: f"{v:.2f}x", "peak_gb": lambda v: f"{v:.1f} GB", "load": lambda v: f"{v:.2f}",
+           "loop_over_bare": lambda v: f"{v:.3f}"}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in table:
+        lines.append("| " + " | ".join("" if r[k] is None else fmt[k](r[k]) if k in fmt else str(r[k])
+                                       for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def is_bench_folder(root):
+    """True when root holds bench records (bench.json) and no run records: the speed table's folder."""
+    names = [n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))]
+    has = lambda n, f: os.path.isfile(os.path.join(root, n, f))
+    return any(has(n, "bench.json") for n in names) and not any(has(n, "run.json") or has(n, "final.json")
+                                                              for n in names)
+
+
+def table_markdown(root, by_machine=False):
+    """What `python summarize.py ROOT` prints: the speed table over bench records, else the runs' table."""
+    if os.path.isdir(root) and is_bench_folder(root):
+        return bench_markdown(bench_rows(root))
+    return markdown(*rows(root, by_machine))
 
 
 # =================================================================================================
@@ -392,8 +495,7 @@ def readme(check=False, path=os.path.join(HERE, "README.md")):
 
     def regenerate(m):
         a = m.group(1).split()
-        table, varying = rows(os.path.join(HERE, a[0]), by_machine="--by-machine" in a)
-        new = markdown(table, varying) + "\n"
+        new = table_markdown(os.path.join(HERE, a[0]), by_machine="--by-machine" in a) + "\n"
         if new != m.group(2):
             stale.append(m.group(1))
         return f"<!-- summarize.py {m.group(1)} -->\n{new}<!-- end -->"
@@ -417,10 +519,22 @@ LAPTOP_VARIANTS = {"okddip-detached": ("okddip", "--detach-targets")}
 TEACHER = "--teacher runs/laptop/teacher-resnet14-s0/checkpoint.pt --teacher-arch resnet14"
 
 
+# the speed table: every method's --bench at the protocol's shapes (resnet32, CIFAR-100, batch 128) on the CPU,
+# one after the other on an idle machine; the offline methods time a randomly initialised teacher of their
+# default architecture (no checkpoint needed)
+SPEED = "--arch resnet32 --bench 20 --gpus cpu"
+SPEED_VARIANTS = {"dml-p3": ("dml", "--peers 3"), "dml-p4": ("dml", "--peers 4")}
+
+
 def grid(name):
-    """[(stage, run name, command)] of a table: stage "teachers" runs first, "students" may need them."""
+    """[(stage, run name, command)] of a table: stage "teachers" runs first, "students" may need them;
+    the speed table's benches are stage "benches" (run them one at a time, on an idle machine)."""
+    if name == "speed":
+        cmds = [("benches", m, f"python {m}.py {SPEED}") for m in LAPTOP_METHODS]
+        cmds += [("benches", v, f"python {m}.py {SPEED} {options}") for v, (m, options) in SPEED_VARIANTS.items()]
+        return [(stage, run, f"{cmd} --out runs/speed/{run}") for stage, run, cmd in cmds]
     if name != "laptop":
-        common.fail(f"unknown grid {name!r}; known: laptop")
+        common.fail(f"unknown grid {name!r}; known: laptop, speed")
     cmds = [("teachers", "teacher-resnet14-s0", f"python baseline.py {LAPTOP} --arch resnet14 --seed 0")]
     for seed in (0, 1, 2):
         for m in LAPTOP_METHODS:
@@ -533,8 +647,8 @@ def main(argv=None):
                                                                      else "was regenerated"), file=sys.stderr)
         sys.exit(1 if a.check and stale else 0)
     elif cmd == "grid":
-        p.add_argument("name", help="the table: laptop")
-        p.add_argument("--stage", choices=["teachers", "students"], help="only this stage's commands")
+        p.add_argument("name", help="the table: laptop or speed")
+        p.add_argument("--stage", choices=["teachers", "students", "benches"], help="only this stage's commands")
         p.add_argument("--index", type=int, help="only the i-th command (0-based) of the selection")
         p.add_argument("--count", action="store_true", help="print how many commands the selection has")
         a = p.parse_args(rest)

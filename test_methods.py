@@ -2520,6 +2520,11 @@ def test_bench_writes_bench_json_without_touching_a_dataset(tmp_path):
     assert b["steps"] == 2 and b["images_per_second"] > 0 and b["seconds_per_step"] > 0
     assert b["peak_memory_bytes"] > 0 and b["params_trained"] == common.count_params(common.build_model("resnet8", 100))
     assert b["device"] == "cpu" and b["torch"] == torch.__version__ and b["threads"] >= 1
+    # where and how it ran, as a run's record says it: the machine, every argument, the load around it
+    assert b["machine"]["threads"] == b["threads"] and b["machine"]["torch"] == torch.__version__
+    assert b["args"]["arch"] == "resnet8" and b["args"]["bench"] == 2 and b["args"]["method"] == "baseline"
+    if hasattr(os, "getloadavg"):
+        assert all(len(b["load_average"][k]) == 3 for k in ("before", "after"))
     assert not (tmp_path / "absent").exists()
 
 
@@ -2701,6 +2706,46 @@ def test_summarize_plot_skipped_cleanly_without_matplotlib(data, tmp_path, capsy
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
+def _bench_record(root, name, method, ms, machine=None, **args):
+    """A bench folder as --bench writes it: bench.json only (the fields the speed table reads)."""
+    d = root / name
+    d.mkdir(parents=True)
+    m = machine or {"device": "Xeon", "torch": "2.14.1", "threads": 2, "commit": "abc"}
+    (d / "bench.json").write_text(json.dumps({
+        "method": method, "arch": "resnet32", "batch_size": 128, "steps": 20, "seconds_per_step": ms / 1000,
+        "images_per_second": 128 / (ms / 1000), "loop_over_bare": 0.99, "peak_memory_bytes": 2**30,
+        "params_trained": 470000, "device": m["device"], "threads": m["threads"], "amp": False, "compile": False,
+        "machine": m, "args": {"method": method, "arch": "resnet32", "bench": 20, "out": str(d), "seed": 0, **args},
+        "load_average": {"before": [0.05, 0.1, 0.2], "after": [1.0, 0.5, 0.3]}}))
+
+
+def test_summarize_speed_table_from_bench_records(tmp_path, capsys):
+    """A folder of bench records prints the speed table: the cost is the step time over the baseline's bench
+    on the same machine (none without one), the options are what differs within a method, rows by machine
+    and then in the laptop table's method order; a bench file that cannot be read is skipped with a warning."""
+    _bench_record(tmp_path, "dml-p3", "dml", 300.0, peers=3)
+    _bench_record(tmp_path, "dml", "dml", 200.0, peers=2)
+    _bench_record(tmp_path, "baseline", "baseline", 100.0)
+    _bench_record(tmp_path, "kd", "kd", 150.0, teacher_arch="resnet110")
+    _bench_record(tmp_path, "gpu-dml", "dml", 20.0, machine={"device": "H200", "torch": "2.11", "threads": 16}, peers=2)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bench.json").write_text("{")
+    assert summarize.is_bench_folder(str(tmp_path))
+    rows = summarize.summarize(str(tmp_path), plot=True)  # plot: nothing to draw for benches
+    cap = capsys.readouterr()
+    assert "skipped" in cap.err and "broken" in cap.err
+    assert [(r["method"], r["options"], r["cost"]) for r in rows] == [  # by machine, then in the laptop order
+        ("dml", "--peers 2", None), ("baseline", "", 1.0), ("dml", "--peers 2", 2.0), ("dml", "--peers 3", 3.0),
+        ("kd", "", 1.5)]
+    assert next(r for r in rows if r["method"] == "kd")["teacher"] == "resnet110"
+    assert "| dml | --peers 3 | resnet32 |  | 128 | 470000 | 300 | 427 | 3.00x | 0.990 | 1.0 GB | Xeon | 2 | 0.05 |" \
+        in cap.out.splitlines()
+    assert summarize.table_markdown(str(tmp_path)) + "\n" == cap.out  # what README's block would paste
+    assert not list(tmp_path.glob("*.png"))
+    _fabricate(tmp_path, "dml-s0", "dml", 0, 70.0, 72.0)  # a run record among them: the runs' table
+    assert not summarize.is_bench_folder(str(tmp_path))
+
+
 def test_readme_tables_are_the_output_of_summarize_over_results():
     """Every table that README marks as generated equals `python summarize.py FOLDER` over the committed
     records (results/): regenerate with `python summarize.py readme`."""
@@ -2735,6 +2780,18 @@ def test_grid_commands_and_the_slurm_script_dry_mode(tmp_path):
                          cwd=HERE, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--index 999" in bad.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_speed_grid_benches_every_method_once_on_the_cpu():
+    """`summarize.py grid speed`: one --bench command per method found on disk (and DML's peer variants),
+    each into its own runs/speed folder, without --resume (a bench is timed again, not continued)."""
+    grid = summarize.grid("speed")
+    assert {s for s, _, _ in grid} == {"benches"}
+    names = [n for _, n, _ in grid]
+    assert len(set(names)) == len(names) and set(METHODS) <= set(names)
+    for _, n, c in grid:
+        assert c.startswith(f"python {n.split('-')[0]}.py ") and c.endswith(f"--out runs/speed/{n}")
+        assert "--bench 20" in c and "--gpus cpu" in c and "--arch resnet32" in c and "--resume" not in c
 
 
 # ---- cifar10_from_jpeg.py
