@@ -251,23 +251,28 @@ class MaxPoolAt8(nn.Module):
         return F.max_pool2d(x, 2) if x.shape[-2] == 8 else x
 
 
-def _vgg(depth, num_classes, repdistiller=True):
-    """VGG with BN as RepDistiller's vgg8/11/13/16 (models/vgg.py, `vggN_bn`; the KD tables' vgg13 ->
-    vgg8): five blocks of 3x3 conv (bias kept) + BN + ReLU, a max-pool before blocks 1-3 but not before
-    block 4 at 32x32, so the last block runs at 4x4; global average pool, one FC.
-    repdistiller=False: this repo's VGG before issue 26 (`vgg8_2x2`, ...): convs without bias and a
-    max-pool before every block after the first, so the last block runs at 2x2.
-    Neither is MCL-OKD's VGG-16 (winycg/MCL-OKD models/vgg.py): its convs keep their bias (14,774,436
-    params with a CIFAR-100 head, as RepDistiller's vgg16), but it max-pools after every block, so its
-    last block runs at 2x2 and is max-pooled to 1x1 (no average pool); OKDDip's VGG-16 (DefangChen/OKDDip)
-    has MCL-OKD's convs and a 512-512-classes MLP classifier."""
-    stages, cin = [], 3
-    for i, block in enumerate(VGG_CFG[depth]):
-        layers = [] if i == 0 else [MaxPoolAt8()] if repdistiller and i == 4 else [nn.MaxPool2d(2)]
+def _vgg(depth, num_classes, style="repdistiller"):
+    """VGG with BN, in three styles that differ only in conv bias and where they max-pool:
+      "repdistiller"  RepDistiller's vgg8/11/13/16 (models/vgg.py, `vggN_bn`; the KD tables' vgg13 -> vgg8):
+                      five blocks of 3x3 conv (bias kept) + BN + ReLU, a max-pool before blocks 1-3 but
+                      not before block 4 at 32x32, so the last block runs at 4x4; global average pool, FC.
+      "2x2"           this repo's VGG before issue 26 (`vgg8_2x2`, ...): convs without bias and a max-pool
+                      before every block after the first, so the last block runs at 2x2.
+      "mcl"           MCL-OKD's VGG-16 (winycg/MCL-OKD models/vgg.py and mcl_okd_vgg.py, `vgg16_mcl`): convs
+                      with bias and a max-pool after every block, so the last block runs at 2x2 and is
+                      max-pooled to 1x1 (the average pool of a 1x1 map changes nothing); 14,774,436 params
+                      with a CIFAR-100 head, as RepDistiller's vgg16. MCL shares blocks 0-2 and branches 3-4,
+                      as mcl_okd_vgg.py's layer3_i/layer4_i (split_model at=-2).
+    OKDDip's VGG-16 (DefangChen/OKDDip) has MCL-OKD's convs and a 512-512-classes MLP classifier: not built."""
+    stages, cin, blocks = [], 3, VGG_CFG[depth]
+    for i, block in enumerate(blocks):
+        layers = [] if i == 0 else [MaxPoolAt8()] if style == "repdistiller" and i == 4 else [nn.MaxPool2d(2)]
         for c in block:
-            layers.append(nn.Sequential(nn.Conv2d(cin, c, 3, 1, 1, bias=repdistiller), nn.BatchNorm2d(c),
+            layers.append(nn.Sequential(nn.Conv2d(cin, c, 3, 1, 1, bias=style != "2x2"), nn.BatchNorm2d(c),
                                         nn.ReLU(inplace=True)))
             cin = c
+        if style == "mcl" and i == len(blocks) - 1:
+            layers.append(nn.MaxPool2d(2))
         stages.append(nn.Sequential(*layers))
     return Net(stages, nn.Linear(cin, num_classes))
 
@@ -421,7 +426,8 @@ ARCHS = {
     "wrn_20_8": lambda nc: _resnet(Bottleneck, [2, 2, 2], [16, 32, 64], nc, width_mult=8),  # PCL's "WRN-20-8"
     **{f"vgg{d}": (lambda d: lambda nc: _vgg(d, nc))(d) for d in VGG_CFG},  # RepDistiller's
     # vgg8..vgg16 before issue 26 (no conv bias, last block at 2x2), kept so that older runs still build
-    **{f"vgg{d}_2x2": (lambda d: lambda nc: _vgg(d, nc, repdistiller=False))(d) for d in VGG_CFG},
+    **{f"vgg{d}_2x2": (lambda d: lambda nc: _vgg(d, nc, style="2x2"))(d) for d in VGG_CFG},
+    "vgg16_mcl": lambda nc: _vgg(16, nc, style="mcl"),  # MCL-OKD's VGG-16 (its VGG-16 rows)
     "densenet40_12": lambda nc: _densenet_bc(40, 12, nc),
     "mobilenetv2": _mobilenetv2,
     "mobilenetv2_half": lambda nc: _mobilenetv2(nc, width=0.5, stem_stride=2),  # RepDistiller's "MobileNetV2"

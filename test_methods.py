@@ -433,7 +433,8 @@ def test_param_counts_match_literature(arch):
     assert abs(n - LITERATURE[arch]) / LITERATURE[arch] < 0.01, n
 
 
-@pytest.mark.parametrize("arch", [a for a in common.ARCHS if a not in ("wrn_28_10", "vgg16", "vgg16_2x2", "resnet32x4")])
+@pytest.mark.parametrize("arch", [a for a in common.ARCHS
+                                  if a not in ("wrn_28_10", "vgg16", "vgg16_2x2", "vgg16_mcl", "resnet32x4")])
 def test_backbone_shapes(arch):
     net = common.build_model(arch, 10).eval()
     z, feat, fmap = net(torch.randn(2, 3, 32, 32), features=True)
@@ -603,6 +604,34 @@ def test_zoo_vgg_pools_before_its_last_block_on_64x64_inputs_only():
         assert _zoo_maps(net, 64)[1] == [64, 32, 16, 8, 4]
     assert all(m.bias is not None and torch.all(m.bias == 0) for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     assert all(m.bias is None for m in common.build_model("vgg8_2x2", 10).modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_vgg16_mcl_is_mcl_okds_vgg16_op_for_op():
+    """`vgg16_mcl` = winycg/MCL-OKD's VGG-16 (models/vgg.py): 13 convs with bias, each + BN + ReLU, a max-pool
+    after every block (after convs 2, 4, 7, 10 and 13), the 1x1 map flattened into the FC. Its forward, written
+    out here with the model's own weights, equals the model's; the parameters equal vgg16's (same layers);
+    MCL shares blocks 0-2 (7 convs) and gives each branch blocks 3-4 (6 convs) + FC, as mcl_okd_vgg.py."""
+    torch.manual_seed(0)
+    net = common.build_model("vgg16_mcl", 100).eval()
+    assert common.count_params(net) == ZOO_REPDISTILLER["vgg16"] == 14_774_436
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(bns) == 13 and all(c.bias is not None and torch.all(c.bias == 0) for c in convs)
+    for bn in bns:  # non-trivial running statistics, so that eval-mode BN is checked too
+        bn.running_mean.uniform_(-0.1, 0.1), bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 32)
+    h = x
+    for i, (c, bn) in enumerate(zip(convs, bns)):
+        h = F.relu(F.batch_norm(F.conv2d(h, c.weight, c.bias, padding=1), bn.running_mean, bn.running_var,
+                                bn.weight, bn.bias, False, 0.0, bn.eps))
+        if i + 1 in (2, 4, 7, 10, 13):
+            h = F.max_pool2d(h, 2)
+    assert h.shape == (2, 512, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(net(x), F.linear(h.flatten(1), net.fc.weight, net.fc.bias), atol=1e-5)
+    trunk, branches = common.split_model("vgg16_mcl", 100, -2, 4)
+    n_convs = lambda m: sum(isinstance(k, torch.nn.Conv2d) for k in m.modules())
+    assert n_convs(trunk) == 7 and [n_convs(b) for b in branches] == [6] * 4
 
 
 def test_zoo_init_as_repdistiller():
@@ -2943,6 +2972,60 @@ def test_methods_found_on_disk_are_readmes_table():
     named = sorted(r[1][1:-len(".py`")] for r in rows)
     assert METHODS == named and len(METHODS) >= 14, (METHODS, named)
     assert TEACHER_SCRIPTS == tuple(sorted(r[1][1:-len(".py`")] for r in rows if r[teacher].startswith("yes")))
+
+
+class _Parsed(Exception):
+    pass
+
+
+def script_options(script):
+    """The option strings of `script`'s own parser (what its main() hands to common.parse)."""
+    box, real = {}, common.parse
+
+    def grab(p, *a, **k):
+        box["p"] = p
+        raise _Parsed
+    common.parse = grab
+    try:
+        run_main(script)
+    except _Parsed:
+        pass
+    finally:
+        common.parse = real
+    return {o for a in box["p"]._actions for o in a.option_strings}
+
+
+def test_readme_commands_use_real_options_and_backbones():
+    """Every `python METHOD.py ...` line of README's bash blocks (continuation lines joined; `$m` stands for
+    each name of its `for m in ...` loop) uses options its script's parser has, and every backbone it names
+    (--arch, --teacher-arch, the words of `for arch/a/pair in ...` loops) is in common.ARCHS."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    options, checked, archs = {}, 0, set()
+    for block in blocks:
+        loop = []
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0]
+            m = re.search(r"\bfor (\w+) in ([^;]*);", line)
+            if m and m.group(1) == "m":
+                loop = m.group(2).split()
+            elif m and m.group(1) in ("arch", "a", "pair"):
+                archs |= {w for p in m.group(2).split() for w in p.split(":")}
+            m = re.search(r"python (\$m|\w+)\.py\b(.*)", line)
+            if not m:
+                continue
+            argv = m.group(2).split()
+            archs |= {v for k, v in zip(argv, argv[1:]) if k in ("--arch", "--teacher-arch") and not v.startswith("$")}
+            for script in (loop if m.group(1) == "$m" else [m.group(1)]):
+                if script not in METHODS:
+                    continue
+                if script not in options:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        options[script] = script_options(script)
+                flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+                assert flags <= options[script], (script, sorted(flags - options[script]), line)
+                checked += 1
+    assert checked >= 20 and archs and archs <= set(common.ARCHS), (checked, sorted(archs - set(common.ARCHS)))
 
 
 def test_kd_copies_in_the_method_files_are_identical():
