@@ -3028,6 +3028,15 @@ def test_readme_commands_use_real_options_and_backbones():
     assert checked >= 20 and archs and archs <= set(common.ARCHS), (checked, sorted(archs - set(common.ARCHS)))
 
 
+def test_the_tools_method_lists_are_the_methods_on_disk():
+    """The tools keep their own lists in their own order (the table's rows, the GPU check's jobs): each holds
+    every method found on disk, once, and the GPU check's offline methods are the scripts with --teacher."""
+    import gpu_check
+    for name, listed in (("summarize.LAPTOP_METHODS", summarize.LAPTOP_METHODS), ("gpu_check.METHODS", gpu_check.METHODS)):
+        assert sorted(listed) == METHODS, (name, sorted(set(METHODS) ^ set(listed)))
+    assert sorted(gpu_check.OFFLINE) == sorted(TEACHER_SCRIPTS)
+
+
 def test_kd_copies_in_the_method_files_are_identical():
     """README: "Reuse kd() as it is". Every method file that defines its own kd() holds the same text, so that
     a change to one copy reaches them all (12 files define it)."""
