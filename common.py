@@ -81,6 +81,7 @@ import argparse
 import csv
 import errno
 import io
+import inspect
 import json
 import math
 import os
@@ -1134,9 +1135,19 @@ def _step_model(args, model, world):
     """What a training step calls: the model, in DDP with several processes, compiled with --compile."""
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    ddp = nn.parallel.DistributedDataParallel(model, **_rank_local_buffers()) if world > 1 else model
     # OKD_COMPILE_BACKEND (rehearsals only, e.g. gpu_check.py --tiny: "eager" traces without inductor's codegen)
     return torch.compile(ddp, backend=os.environ.get("OKD_COMPILE_BACKEND", "inductor")) if args.compile else ddp
+
+
+def _rank_local_buffers():
+    """DDP's option for "never sync buffers in forward" (each rank keeps its own BatchNorm statistics, as
+    one-process-per-GPU BN does): `forward_sync_buffers=False` where torch has it (it replaces the deprecated
+    `broadcast_buffers=False`), else `broadcast_buffers=False`. The newer one also copies rank 0's buffers
+    once when DDP wraps the model; that copies equal values, because every rank has just built the model
+    from the same seed (a checkpoint is loaded after the wrap, by every rank alike)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _start(args, out, model, opts, identity, rank, world, device, amp, n_train):

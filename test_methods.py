@@ -1255,6 +1255,7 @@ def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
     r = run_cli(script, "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data,
                 "--epochs", 1, "--schedule", "--out", out, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "FutureWarning" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-2000:]  # DDP's options
     fin = read_final(out)
     # weights (PCL's mean teachers included: they are parameters) identical on both ranks
     assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
