@@ -9,7 +9,7 @@ No method imports this file; every run writes its own record (run.json, log.csv,
     python summarize.py grid laptop            # the commands behind the laptop table, one per line
     python summarize.py grid speed | bash      # every method's --bench, for README's speed table (idle machine)
     python summarize.py results/speed          # the speed table over bench records (bench.json)
-    python summarize.py speed                  # on-device data pipeline vs DataLoader; channels_last
+    python summarize.py speed [--out F.json]   # on-device data pipeline vs DataLoader; channels_last
 
 A table in README.md is the output of `python summarize.py FOLDER` pasted unchanged between the lines
 `<!-- summarize.py FOLDER -->` and `<!-- end -->`; `readme --check` (and a test) keeps the two equal.
@@ -236,6 +236,9 @@ def markdown(table, varying):
 def summarize(root, as_csv=False, plot=True, by_machine=False):
     """Print the table of the runs under root (Markdown, or CSV) and, with plot, write its figures. A folder
     of bench records (bench.json, no run records) prints the speed table instead, and draws nothing."""
+    if os.path.isfile(root):  # a `speed --out` record
+        print(pipeline_markdown(root))
+        return []
     if os.path.isdir(root) and is_bench_folder(root):
         table, varying, plot = bench_rows(root), None, False
     else:
@@ -342,7 +345,10 @@ def is_bench_folder(root):
 
 
 def table_markdown(root, by_machine=False):
-    """What `python summarize.py ROOT` prints: the speed table over bench records, else the runs' table."""
+    """What `python summarize.py ROOT` prints: the pipeline table of a `speed --out` record (a file), the
+    speed table over bench records, else the runs' table."""
+    if os.path.isfile(root):
+        return pipeline_markdown(root)
     if os.path.isdir(root) and is_bench_folder(root):
         return bench_markdown(bench_rows(root))
     return markdown(*rows(root, by_machine))
@@ -550,10 +556,12 @@ def grid(name):
 # Speed of the data pipeline and of the memory layout
 # =================================================================================================
 
-def speed(batch_size=128, batches=30, device="cpu"):
+def speed(batch_size=128, batches=30, device="cpu", out=None, arch="resnet32"):
     """Measured in one run: images/s of common's on-device pipeline against torchvision's DataLoader
-    with the usual PIL transforms (2 workers), and a resnet32 training step with and without
-    channels_last. Synthetic CIFAR-shaped images; no dataset needed."""
+    with the usual PIL transforms (2 workers), and a training step of `arch` with and without
+    channels_last. Synthetic CIFAR-shaped images; no dataset needed. out: also write the record there
+    (JSON: the numbers, the machine, the load averages before and after; README's table is made from it)."""
+    load_before = common._load_average()
     import torchvision.transforms as T
     from PIL import Image
     n = batch_size * batches
@@ -592,7 +600,7 @@ def speed(batch_size=128, batches=30, device="cpu"):
         for cl in (False, True):
             torch.manual_seed(0)
             fmt = torch.channels_last if cl else torch.contiguous_format
-            net = common.build_model("resnet32", 100).to(device).to(memory_format=fmt)
+            net = common.build_model(arch, 100).to(device).to(memory_format=fmt)
             opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
             xb = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
             yb = torch.randint(0, 100, (batch_size,), device=device)
@@ -610,9 +618,40 @@ def speed(batch_size=128, batches=30, device="cpu"):
             steps(10)
             res[cl].append(10 * batch_size / (time.perf_counter() - t0))
     res = {k: float(np.median(v)) for k, v in res.items()}
-    print(f"resnet32 training step, batch {batch_size}, {device}: contiguous {res[False]:.0f} img/s, "
+    print(f"{arch} training step, batch {batch_size}, {device}: contiguous {res[False]:.0f} img/s, "
           f"channels_last {res[True]:.0f} img/s, ratio {res[True] / res[False]:.2f}")
+    if out:
+        common.atomic_json({"pipeline": {"batch_size": batch_size, "batches": batches, "device": device, "arch": arch,
+                                         "on_device_images_per_second": round(ours, 1),
+                                         "dataloader_images_per_second": round(theirs, 1),
+                                         "contiguous_images_per_second": round(res[False], 1),
+                                         "channels_last_images_per_second": round(res[True], 1)},
+                            "machine": common.machine_info(device),
+                            "load_average": {"before": load_before, "after": common._load_average()}}, out)
+        print(f"record -> {out}")
     return ours, theirs, res
+
+
+def pipeline_markdown(path):
+    """The table of a `speed --out` record: what README pastes for the data pipeline and the memory layout."""
+    try:
+        with open(path) as f:
+            r = json.load(f)
+        p = r["pipeline"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        common.fail(f"{path}: not a record of `summarize.py speed --out` ({type(e).__name__}: {e})")
+    m, load = r.get("machine") or {}, (r.get("load_average") or {}).get("before")
+    on, dl = p["on_device_images_per_second"], p["dataloader_images_per_second"]
+    c, cl = p["contiguous_images_per_second"], p["channels_last_images_per_second"]
+    return "\n".join([
+        "| measured in one run | result |", "|---|---|",
+        f"| on-device crop + flip + normalise vs torchvision DataLoader with PIL transforms (RandomCrop(32, 4), "
+        f"flip, ToTensor, Normalize; 2 workers), batch {p['batch_size']} | {on:,.0f} vs {dl:,.0f} img/s: "
+        f"**{on / dl:.1f}x** |",
+        f"| {p.get('arch', 'resnet32')} training step on {p['device']}, channels_last vs contiguous (median of 3 alternating rounds) | "
+        f"{cl:,.0f} vs {c:,.0f} img/s: **{cl / c:.2f}x** |",
+        f"| where | {m.get('device')}, torch {m.get('torch')}, {m.get('threads')} threads, commit {m.get('commit')}, "
+        f"load (1 min) {load[0] if load else 'not recorded'} |"])
 
 
 # =================================================================================================
@@ -663,7 +702,9 @@ def main(argv=None):
             print("\n".join(cmds))
     else:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        speed(device=p.parse_args(rest).device)
+        p.add_argument("--out", help="also write the record here (JSON), e.g. results/speed/pipeline.json")
+        a = p.parse_args(rest)
+        speed(device=a.device, out=a.out)
 
 
 if __name__ == "__main__":

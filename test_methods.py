@@ -2782,7 +2782,7 @@ def test_readme_tables_are_the_output_of_summarize_over_results():
     with open(os.path.join(HERE, "README.md")) as f:
         blocks = summarize.MARK.findall(f.read())
     assert blocks, "README has no generated table"
-    assert all(os.path.isdir(os.path.join(HERE, b[0].split()[0])) for b in blocks)
+    assert all(os.path.exists(os.path.join(HERE, b[0].split()[0])) for b in blocks)
     assert summarize.readme(check=True) == []
 
 
@@ -2812,6 +2812,32 @@ def test_grid_commands_and_the_slurm_script_dry_mode(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_summarize_speed_writes_a_record_and_its_table_is_made_from_it(tmp_path, capsys):
+    """`summarize.py speed --out F`: the pipeline and layout numbers, the machine and the load, as JSON; the
+    README table is `summarize.py F` over that record, its ratios computed from the record's numbers; a file
+    that is not such a record is one line, exit 2."""
+    rec = tmp_path / "pipeline.json"
+    summarize.speed(batch_size=8, batches=2, out=str(rec), arch="resnet8")
+    r = json.load(open(rec))
+    p = r["pipeline"]
+    assert p["batch_size"] == 8 and p["device"] == "cpu" and r["machine"]["torch"] == torch.__version__
+    assert all(p[k] > 0 for k in ("on_device_images_per_second", "dataloader_images_per_second",
+                                  "contiguous_images_per_second", "channels_last_images_per_second"))
+    capsys.readouterr()
+    summarize.main([str(rec)])
+    table = capsys.readouterr().out
+    assert table == summarize.table_markdown(str(rec)) + "\n"
+    ratio = p["on_device_images_per_second"] / p["dataloader_images_per_second"]
+    assert f"**{ratio:.1f}x**" in table and "batch 8 |" in table and r["machine"]["device"] in table
+    assert "| resnet8 training step on cpu" in table
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"method": "dml"}))
+    with pytest.raises(SystemExit) as e:
+        summarize.main([str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not a record of `summarize.py speed --out`" in err
+
+
 def test_speed_grid_benches_every_method_once_on_the_cpu():
     """`summarize.py grid speed`: one --bench command per method found on disk (and DML's peer variants),
     each into its own runs/speed folder, without --resume (a bench is timed again, not continued)."""
@@ -2831,7 +2857,7 @@ def test_cifar10_from_jpeg_work_tree_and_git_give_the_same_files_that_load_cifar
     permutation, pixels in CIFAR's channel-major layout; a clone's folder and its git directory give the
     same bytes; too few images is one line naming the option."""
     import cifar10_from_jpeg as c10
-    src, rng = tmp_path / "CIFAR-10-images", np.random.RandomState(0)
+    src = tmp_path / "CIFAR-10-images"
     pixels = {}
     for split, n in (("train", 3), ("test", 2)):
         for c, name in enumerate(c10.CLASSES):
