@@ -2584,10 +2584,25 @@ def _load_average():
         return None
 
 
+class _PlainNet(nn.Module):
+    """--bench's yardstick: baseline.py's step (one net of the same arch, cross-entropy), first view only."""
+
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        self.net = build_model(arch, num_classes)
+
+    def forward(self, x, y, idx, epoch):
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        ce = F.cross_entropy(self.net(x).float(), y)
+        return ce, {"ce": ce}
+
+
 def _bench(args, model, step_model, opt, data, device, amp, out):
     """Time --bench N training steps on synthetic data already on the device (no dataset read):
-    the loop's path (draw + augment each batch on the device, step, accumulate the terms) and the
-    bare step (forward/backward/SGD on one fixed batch). Their ratio is the loop's overhead."""
+    the loop's path (draw + augment each batch on the device, step, accumulate the terms), the bare
+    step (forward/backward/SGD on one fixed batch), and, in one process without --compile, the
+    baseline's loop path on a plain net of the same arch. Bare/loop is the loop's overhead; method/
+    baseline is the method's cost, both measured in the same run, in alternating chunks."""
     model.train()
     if hasattr(model, "on_epoch"):
         model.on_epoch(0, None)
@@ -2600,13 +2615,24 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
             yield from data.epoch(e)
             e += 1
 
-    def loop_steps(n, it):
+    def loop_steps(n, it, m=model, step=step_model, opts=opt):
         sums = None
         for _ in range(n):
             x, y, idx = next(it)
-            _, vals = train_step(model, step_model, opt, x, y, idx, 0, amp)
+            _, vals = train_step(m, step, opts, x, y, idx, 0, amp)
             sums = vals if sums is None else sums + vals
         return sums
+
+    # the yardstick: compiled or wrapped in DDP, the method's step is not comparable to a plain eager one
+    yard = None
+    if not args.compile and not dist.is_initialized():
+        with torch.random.fork_rng(devices=[]):  # the method's random state stays as it was
+            torch.manual_seed(args.seed)
+            ref = _PlainNet(args.arch, dataset_info(args)[0])
+        ref = ref.to(device).to(memory_format=torch.channels_last).train()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=args.momentum,
+                                  nesterov=not args.no_nesterov, weight_decay=args.wd)
+        yard = lambda n, it: loop_steps(n, it, ref, ref, [ref_opt])
 
     def bare_steps(n, _):
         for _ in range(n):
@@ -2626,6 +2652,8 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
     t0 = time.perf_counter()
     bare_steps(3, it)  # warm-up (cudnn autotuning, compilation)
     loop_steps(3, it)
+    if yard:
+        yard(3, it)
     if cuda:
         torch.cuda.synchronize()
     warmup = time.perf_counter() - t0
@@ -2638,17 +2666,22 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
         torch.cuda.reset_peak_memory_stats()
     # the two paths alternate in chunks, so that drift of a shared machine's speed hits both alike
     chunks = [len(c) for c in np.array_split(np.arange(args.bench), min(5, args.bench))]
-    dt_bare = dt = 0.0
+    dt_bare = dt = dt_yard = 0.0
     for k in chunks:
         dt_bare += timed(bare_steps, k, it)
         dt += timed(loop_steps, k, it)
+        if yard:
+            dt_yard += timed(yard, k, it)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {**MARKER, "method": args.method, "arch": args.arch, "batch_size": args.batch_size, "steps": args.bench,
            "images_per_second": round(args.batch_size * args.bench / dt, 1),
            "seconds_per_step": round(dt / args.bench, 5), "peak_memory_bytes": int(peak),
            "bare_step_images_per_second": round(args.batch_size * args.bench / dt_bare, 1),
-           "loop_over_bare": round(dt_bare / dt, 3),
+           "loop_over_bare": round(dt_bare / dt, 3),  # the loop's img/s over the bare step's
+           # the method's step time over the baseline's (plain net, same arch, same loop), same run; None: not timed
+           "cost_vs_baseline": round(dt / dt_yard, 3) if yard else None,
+           "baseline_images_per_second": round(args.batch_size * args.bench / dt_yard, 1) if yard else None,
            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": amp, "compile": args.compile,
@@ -2661,4 +2694,6 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
     atomic_json(res, os.path.join(out, "bench.json"))
     print(f"bench {args.method} {args.arch}: {res['images_per_second']:.0f} img/s, "
           f"{1000 * res['seconds_per_step']:.1f} ms/step (bare step {res['bare_step_images_per_second']:.0f} img/s, "
-          f"loop/bare {res['loop_over_bare']:.3f}), peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
+          f"loop/bare {res['loop_over_bare']:.3f}"
+          + (f"; {res['cost_vs_baseline']:.2f}x the baseline's step" if yard else "")
+          + f"), peak {peak / 2**20:.0f} MiB -> {out}/bench.json")
