@@ -65,6 +65,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+TEACHER_ARCH = "wrn_40_2"  # the paper's teacher (WRN-40-2 -> WRN-40-1): where --teacher-arch is left out
+
 
 def kd(student, teacher, T):
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean.
@@ -107,9 +109,9 @@ class SOKD(nn.Module):
         super().__init__()
         if args.teacher:
             t_arch, self.teacher, _ = common.load_teacher(args.teacher, args.teacher_arch, args.dataset, num_classes,
-                                                           default_arch="wrn_40_2")
+                                                           default_arch=TEACHER_ARCH)
         else:  # --bench with no checkpoint only (main() checks): the step time does not depend on the weights
-            t_arch = args.teacher_arch or "wrn_40_2"
+            t_arch = args.teacher_arch or TEACHER_ARCH
             self.teacher = common.build_model(t_arch, num_classes)
         self.teacher.requires_grad_(False)  # frozen: not in the optimizer, no weight decay either
         # KBM: the teacher's last stage (+ final norm) + classifier, freshly initialised as in the official code
@@ -216,15 +218,15 @@ def main():
         p.error(f"argument --teacher-arch: invalid choice: {args.teacher_arch!r} "
                 f"(choose from {', '.join(common.ARCHS)})")
     if args.teacher is None:
-        args.teacher = os.path.join("runs", f"baseline-{args.teacher_arch or 'wrn_40_2'}-{args.dataset}-s0",
+        args.teacher = os.path.join("runs", f"baseline-{args.teacher_arch or TEACHER_ARCH}-{args.dataset}-s0",
                                     "checkpoint.pt")
     if args.bench and not os.path.isfile(args.teacher):
         print(f"note: no teacher at {args.teacher}; --bench times a randomly initialised teacher")
-        args.teacher, args.teacher_arch = "", args.teacher_arch or "wrn_40_2"
+        args.teacher, args.teacher_arch = "", args.teacher_arch or TEACHER_ARCH
     else:  # checked here, before common.run creates the run folder
         try:
             args.teacher_arch, _, desc = common.load_teacher(args.teacher, args.teacher_arch, args.dataset,
-                                                             common.dataset_info(args)[0], args, "wrn_40_2")
+                                                             common.dataset_info(args)[0], args, TEACHER_ARCH)
         except (ValueError, common.DataError) as e:
             common.fail(e)
         print(f"teacher {args.teacher}: {desc}")

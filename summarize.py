@@ -243,6 +243,12 @@ def summarize(root, as_csv=False, plot=True, by_machine=False):
         table, varying, plot = bench_rows(root), None, False
     else:
         table, varying = rows(root, by_machine)
+        benches = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, "bench.json"))
+                   and not os.path.isfile(os.path.join(root, n, "run.json"))]
+        if benches:
+            print(f"warning: {len(benches)} bench record(s) under {root} left out ({', '.join(sorted(benches)[:3])}"
+                  f"{', ...' if len(benches) > 3 else ''}): the speed table reads a folder of bench records only",
+                  file=sys.stderr)
     if as_csv:
         w = csv.DictWriter(sys.stdout, fieldnames=list(table[0]) if table else ["method"])
         w.writeheader()
@@ -269,8 +275,11 @@ def read_benches(root):
         try:
             with open(path) as f:
                 b = json.load(f)
-            if not isinstance(b, dict) or not isinstance(b.get("method"), str) or not _number(b.get("seconds_per_step")):
-                raise ValueError("no method or no seconds_per_step")
+            if not isinstance(b, dict) or not isinstance(b.get("method"), str):
+                raise ValueError("no method")
+            for k in ("seconds_per_step", "images_per_second"):
+                if not _number(b.get(k)) or b[k] <= 0:
+                    raise ValueError(f"{k} = {b.get(k)!r} is not a positive number")
         except (OSError, ValueError) as e:
             print(f"warning: skipped {path}: not a readable bench file ({type(e).__name__}: {e})", file=sys.stderr)
             continue
@@ -291,18 +300,30 @@ def _bench_options(benches):
             flags = []
             for k in keys:
                 v, flag = s.get(k), "--" + k.replace("_", "-")
-                flags.append(flag if v is True else "" if v in (False, None) else f"{flag} {v}")
-            out[b["folder"]] = " ".join(f for f in flags if f)
+                if v is None or v is False:
+                    continue
+                flags.append(flag if v is True else f"{flag} {' '.join(map(str, v))}".rstrip()
+                             if isinstance(v, list) else f"{flag} {v}")
+            out[b["folder"]] = " ".join(flags)
+        alike = lambda b: (out[b["folder"]], json.dumps(_machine_key(b), sort_keys=True, default=str))
+        ids = [alike(b) for b in fam]
+        for b, k in zip(fam, ids):  # still alike on one machine (no args recorded, or they differ only in
+            if ids.count(k) > 1:    # how they ran): the folder tells them apart
+                out[b["folder"]] = f"{out[b['folder']]} ({b['folder']})".strip()
     return out
 
 
 def bench_rows(root):
-    """One row per bench record under root, by machine, then in LAPTOP_METHODS' order: step time, images/s, its cost
-    relative to the baseline's bench of the same arch, batch, machine, AMP and compile setting, the loop's
-    step time over the bare step's, peak memory, trained parameters, where it ran and the 1-minute load."""
+    """One row per bench record under root, by machine, then in LAPTOP_METHODS' order: step time, images/s,
+    the cost relative to the baseline's step, trained parameters, the loop's images/s over the bare
+    step's, peak memory, where it ran and the 1-minute load at its start.
+    The cost is the record's own `cost_vs_baseline` (a plain net of the same arch timed in the same run,
+    in alternating chunks); a record without it (older, --compile, DDP) is divided by the baseline bench of
+    the same arch, dataset, image size, batch, machine, AMP and compile setting under root, if there is
+    one, and marked "(across runs)"."""
     benches = read_benches(root)
-    same = lambda b: json.dumps([b.get("arch"), b.get("batch_size"), _machine_key(b), b.get("amp"), b.get("compile")],
-                                default=str)
+    same = lambda b: json.dumps([b.get("arch"), (b.get("args") or {}).get("dataset"), (b.get("args") or {}).get(
+        "image_size"), b.get("batch_size"), _machine_key(b), b.get("amp"), b.get("compile")], default=str)
     base = {same(b): b["seconds_per_step"] for b in benches if b["method"] == "baseline"}
     options = _bench_options(benches)
     order = {m: i for i, m in enumerate(LAPTOP_METHODS)}
@@ -310,11 +331,14 @@ def bench_rows(root):
     for b in sorted(benches, key=lambda b: (same(b), order.get(b["method"], len(order)), b["method"], options[b["folder"]])):
         a, ms = b.get("args") or {}, 1000 * b["seconds_per_step"]
         load = (b.get("load_average") or {}).get("before")
+        in_run = b.get("cost_vs_baseline")
         table.append({
             "method": b["method"], "options": options[b["folder"]], "arch": b.get("arch"),
             "teacher": a.get("teacher_arch") or "", "batch": b.get("batch_size"), "params": b.get("params_trained"),
             "ms_per_step": round(ms), "images_per_second": round(b["images_per_second"]),
-            "cost": round(b["seconds_per_step"] / base[same(b)], 2) if same(b) in base else None,
+            "cost": round(in_run, 2) if _number(in_run) else
+            round(b["seconds_per_step"] / base[same(b)], 2) if same(b) in base else None,
+            "cost_across_runs": not _number(in_run) and same(b) in base,
             "loop_over_bare": b.get("loop_over_bare"), "peak_gb": round(b["peak_memory_bytes"] / 2**30, 1)
             if _number(b.get("peak_memory_bytes")) else None,
             "device": _device(b), "threads": _machine_key(b)["threads"] or b.get("threads"),
@@ -324,14 +348,15 @@ def bench_rows(root):
 
 def bench_markdown(table):
     cols = ["method", "options", "arch", "teacher", "batch", "params trained", "ms/step", "img/s", "cost vs baseline",
-            "loop / bare", "peak memory", "device", "threads", "load (1 min)"]
+            "loop / bare (img/s)", "peak memory", "device", "threads", "load (1 min)"]
     keys = ["method", "options", "arch", "teacher", "batch", "params", "ms_per_step", "images_per_second", "cost",
             "loop_over_bare", "peak_gb", "device", "threads", "load"]
-    fmt = {"cost": lambda v: f"{v:.2f}x", "peak_gb": lambda v: f"{v:.1f} GB", "load": lambda v: f"{v:.2f}",
-           "loop_over_bare": lambda v: f"{v:.3f}"}
+    fmt = {"peak_gb": lambda v, r: f"{v:.1f} GB", "load": lambda v, r: f"{v:.2f}",
+           "loop_over_bare": lambda v, r: f"{v:.3f}",
+           "cost": lambda v, r: f"{v:.2f}x" + (" (across runs)" if r["cost_across_runs"] else "")}
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in table:
-        lines.append("| " + " | ".join("" if r[k] is None else fmt[k](r[k]) if k in fmt else str(r[k])
+        lines.append("| " + " | ".join("" if r[k] is None else fmt[k](r[k], r) if k in fmt else str(r[k])
                                        for k in keys) + " |")
     return "\n".join(lines)
 
@@ -638,17 +663,19 @@ def pipeline_markdown(path):
         with open(path) as f:
             r = json.load(f)
         p = r["pipeline"]
+        on, dl = p["on_device_images_per_second"], p["dataloader_images_per_second"]
+        c, cl = p["contiguous_images_per_second"], p["channels_last_images_per_second"]
+        if not all(_number(v) and v > 0 for v in (on, dl, c, cl)):
+            raise ValueError("a rate that is not a positive number")
     except (OSError, ValueError, KeyError, TypeError) as e:
         common.fail(f"{path}: not a record of `summarize.py speed --out` ({type(e).__name__}: {e})")
     m, load = r.get("machine") or {}, (r.get("load_average") or {}).get("before")
-    on, dl = p["on_device_images_per_second"], p["dataloader_images_per_second"]
-    c, cl = p["contiguous_images_per_second"], p["channels_last_images_per_second"]
     return "\n".join([
         "| measured in one run | result |", "|---|---|",
         f"| on-device crop + flip + normalise vs torchvision DataLoader with PIL transforms (RandomCrop(32, 4), "
-        f"flip, ToTensor, Normalize; 2 workers), batch {p['batch_size']} | {on:,.0f} vs {dl:,.0f} img/s: "
+        f"flip, ToTensor, Normalize; 2 workers), batch {p.get('batch_size')} | {on:,.0f} vs {dl:,.0f} img/s: "
         f"**{on / dl:.1f}x** |",
-        f"| {p.get('arch', 'resnet32')} training step on {p['device']}, channels_last vs contiguous (median of 3 alternating rounds) | "
+        f"| {p.get('arch', 'resnet32')} training step on {p.get('device')}, channels_last vs contiguous (median of 3 alternating rounds) | "
         f"{cl:,.0f} vs {c:,.0f} img/s: **{cl / c:.2f}x** |",
         f"| where | {m.get('device')}, torch {m.get('torch')}, {m.get('threads')} threads, commit {m.get('commit')}, "
         f"load (1 min) {load[0] if load else 'not recorded'} |"])
@@ -665,7 +692,8 @@ def main(argv=None):
                                 description=__doc__.split("\n\n")[0])
     rest = argv if cmd == "table" else argv[1:]
     if cmd == "table":
-        p.add_argument("root", nargs="?", default="runs", help="the folder that holds the run folders")
+        p.add_argument("root", nargs="?", default="runs", help="the folder that holds the run folders (or the bench "
+                       "folders: the speed table; or a `speed --out` record)")
         p.add_argument("--csv", action="store_true", help="CSV on stdout instead of Markdown")
         p.add_argument("--by-machine", action="store_true", help="runs of different machines in different rows")
         p.add_argument("--no-plot", action="store_true", help="do not write curves.png and seeds.png")

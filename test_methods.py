@@ -37,6 +37,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1255,11 +1256,26 @@ def test_ddp_methods_keep_ranks_identical(script, extra, data, tmp_path):
     r = run_cli(script, "--arch", "resnet8", "--batch-size", 64, "--gpus", "0,1", "--data-dir", data,
                 "--epochs", 1, "--schedule", "--out", out, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "FutureWarning" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-2000:]  # DDP's options
+    assert "broadcast_buffers" not in r.stderr, r.stderr[-2000:]  # no deprecated DDP option (torch warns on it)
     fin = read_final(out)
     # weights (PCL's mean teachers included: they are parameters) identical on both ranks
     assert fin["processes"] == 2 and fin["rank_param_sums"][0] == fin["rank_param_sums"][1]
     assert set(fin["last"]) == set(fin["params"])
+
+
+def test_ddp_keeps_batchnorm_statistics_per_rank(tmp_path):
+    """The loop's DDP never syncs buffers in forward: each rank keeps its own BatchNorm statistics, under
+    whichever name this torch has for it (forward_sync_buffers=False, or broadcast_buffers=False before it)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = common._step_model(SimpleNamespace(batch_size=4, compile=False), common.build_model("resnet8", 10), 2)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        sync = ddp.forward_sync_buffers if hasattr(ddp, "forward_sync_buffers") else ddp.broadcast_buffers
+        assert sync is False
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ddp_rank_failure_ends_every_rank(data, tmp_path):
@@ -2551,8 +2567,12 @@ def test_bench_writes_bench_json_without_touching_a_dataset(tmp_path):
     assert b["peak_memory_bytes"] > 0 and b["params_trained"] == common.count_params(common.build_model("resnet8", 100))
     assert b["device"] == "cpu" and b["torch"] == torch.__version__ and b["threads"] >= 1
     # where and how it ran, as a run's record says it: the machine, every argument, the load around it
-    assert b["machine"]["threads"] == b["threads"] and b["machine"]["torch"] == torch.__version__
+    cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert b["machine"]["device"] in cpu or not cpu
+    assert b["machine"]["commit"] is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", b["machine"]["commit"])
     assert b["args"]["arch"] == "resnet8" and b["args"]["bench"] == 2 and b["args"]["method"] == "baseline"
+    # the baseline's own step timed in the same run: the yardstick of every method's cost
+    assert b["cost_vs_baseline"] > 0 and b["baseline_images_per_second"] > 0
     if hasattr(os, "getloadavg"):
         assert all(len(b["load_average"][k]) == 3 for k in ("before", "after"))
     assert not (tmp_path / "absent").exists()
@@ -2736,8 +2756,9 @@ def test_summarize_plot_skipped_cleanly_without_matplotlib(data, tmp_path, capsy
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
-def _bench_record(root, name, method, ms, machine=None, **args):
-    """A bench folder as --bench writes it: bench.json only (the fields the speed table reads)."""
+def _bench_record(root, name, method, ms, machine=None, cost=None, **args):
+    """A bench folder as --bench writes it: bench.json only (the fields the speed table reads); cost: the
+    record's own cost_vs_baseline (measured in its run), None as in a record made before it existed."""
     d = root / name
     d.mkdir(parents=True)
     m = machine or {"device": "Xeon", "torch": "2.14.1", "threads": 2, "commit": "abc"}
@@ -2746,34 +2767,56 @@ def _bench_record(root, name, method, ms, machine=None, **args):
         "images_per_second": 128 / (ms / 1000), "loop_over_bare": 0.99, "peak_memory_bytes": 2**30,
         "params_trained": 470000, "device": m["device"], "threads": m["threads"], "amp": False, "compile": False,
         "machine": m, "args": {"method": method, "arch": "resnet32", "bench": 20, "out": str(d), "seed": 0, **args},
-        "load_average": {"before": [0.05, 0.1, 0.2], "after": [1.0, 0.5, 0.3]}}))
+        "load_average": {"before": [0.05, 0.1, 0.2], "after": [1.0, 0.5, 0.3]},
+        **({"cost_vs_baseline": cost} if cost is not None else {})}))
 
 
 def test_summarize_speed_table_from_bench_records(tmp_path, capsys):
-    """A folder of bench records prints the speed table: the cost is the step time over the baseline's bench
-    on the same machine (none without one), the options are what differs within a method, rows by machine
-    and then in the laptop table's method order; a bench file that cannot be read is skipped with a warning."""
+    """A folder of bench records prints the speed table: the cost is the record's own (measured in its run)
+    or else, marked, the step time over the baseline's bench on the same machine (none without one); the
+    options are what differs within a method; rows by machine and then in the laptop table's method order;
+    a bench file that cannot be read, or without a positive rate, is skipped with a warning; a folder of
+    runs that also holds bench records says it leaves them out."""
     _bench_record(tmp_path, "dml-p3", "dml", 300.0, peers=3)
     _bench_record(tmp_path, "dml", "dml", 200.0, peers=2)
     _bench_record(tmp_path, "baseline", "baseline", 100.0)
-    _bench_record(tmp_path, "kd", "kd", 150.0, teacher_arch="resnet110")
+    _bench_record(tmp_path, "kd", "kd", 150.0, cost=1.8, teacher_arch="resnet110")  # its own, not 150 / 100
     _bench_record(tmp_path, "gpu-dml", "dml", 20.0, machine={"device": "H200", "torch": "2.11", "threads": 16}, peers=2)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "bench.json").write_text("{")
+    (tmp_path / "no-rate").mkdir()
+    (tmp_path / "no-rate" / "bench.json").write_text(json.dumps({"method": "dml", "seconds_per_step": 0.1}))
     assert summarize.is_bench_folder(str(tmp_path))
     rows = summarize.summarize(str(tmp_path), plot=True)  # plot: nothing to draw for benches
     cap = capsys.readouterr()
-    assert "skipped" in cap.err and "broken" in cap.err
+    assert "broken" in cap.err and "no-rate" in cap.err and cap.err.count("skipped") == 2
     assert [(r["method"], r["options"], r["cost"]) for r in rows] == [  # by machine, then in the laptop order
         ("dml", "--peers 2", None), ("baseline", "", 1.0), ("dml", "--peers 2", 2.0), ("dml", "--peers 3", 3.0),
-        ("kd", "", 1.5)]
+        ("kd", "", 1.8)]
     assert next(r for r in rows if r["method"] == "kd")["teacher"] == "resnet110"
-    assert "| dml | --peers 3 | resnet32 |  | 128 | 470000 | 300 | 427 | 3.00x | 0.990 | 1.0 GB | Xeon | 2 | 0.05 |" \
-        in cap.out.splitlines()
+    lines = cap.out.splitlines()
+    assert "| dml | --peers 3 | resnet32 |  | 128 | 470000 | 300 | 427 | 3.00x (across runs) | 0.990 | 1.0 GB | Xeon | 2 | 0.05 |" \
+        in lines
+    assert "| kd |  | resnet32 | resnet110 | 128 | 470000 | 150 | 853 | 1.80x | 0.990 | 1.0 GB | Xeon | 2 | 0.05 |" in lines
     assert summarize.table_markdown(str(tmp_path)) + "\n" == cap.out  # what README's block would paste
     assert not list(tmp_path.glob("*.png"))
     _fabricate(tmp_path, "dml-s0", "dml", 0, 70.0, 72.0)  # a run record among them: the runs' table
     assert not summarize.is_bench_folder(str(tmp_path))
+    (row,) = summarize.summarize(str(tmp_path), plot=False)
+    err = capsys.readouterr().err
+    assert row["method"] == "dml" and "bench record(s) under" in err and "left out" in err
+
+
+def test_speed_table_option_labels():
+    """A bench's label is what differs within its method, written as the flag a user types: a 0 stays
+    (--wd 0), a list is spaced (--schedule 30 45), a flag that is on is bare, one that is off is absent;
+    two benches still alike get their folder names."""
+    b = lambda folder, **a: {"folder": folder, "method": "dml", "args": {"arch": "resnet32", **a}}
+    labels = summarize._bench_options([b("a", wd=0.0, schedule=[30, 45], amp_fp32=True),
+                                       b("b", wd=5e-4, schedule=[], amp_fp32=False), b("c"), b("d")])
+    assert labels["a"] == "--amp-fp32 --schedule 30 45 --wd 0.0"  # keys in sorted order
+    assert labels["b"] == "--schedule --wd 0.0005"
+    assert (labels["c"], labels["d"]) == ("(c)", "(d)")
 
 
 def test_readme_tables_are_the_output_of_summarize_over_results():
@@ -2829,13 +2872,16 @@ def test_summarize_speed_writes_a_record_and_its_table_is_made_from_it(tmp_path,
     assert table == summarize.table_markdown(str(rec)) + "\n"
     ratio = p["on_device_images_per_second"] / p["dataloader_images_per_second"]
     assert f"**{ratio:.1f}x**" in table and "batch 8 |" in table and r["machine"]["device"] in table
-    assert "| resnet8 training step on cpu" in table
-    bad = tmp_path / "other.json"
-    bad.write_text(json.dumps({"method": "dml"}))
-    with pytest.raises(SystemExit) as e:
-        summarize.main([str(bad)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "not a record of `summarize.py speed --out`" in err
+    layout = p["channels_last_images_per_second"] / p["contiguous_images_per_second"]
+    assert "| resnet8 training step on cpu" in table and f"**{layout:.2f}x**" in table
+    for i, wrong in enumerate([{"method": "dml"}, {"pipeline": {"batch_size": 8}},
+                               {"pipeline": {**p, "dataloader_images_per_second": 0}}]):
+        bad = tmp_path / f"other{i}.json"
+        bad.write_text(json.dumps(wrong))
+        with pytest.raises(SystemExit) as e:
+            summarize.main([str(bad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "not a record of `summarize.py speed --out`" in err
 
 
 def test_speed_grid_benches_every_method_once_on_the_cpu():
@@ -2846,8 +2892,16 @@ def test_speed_grid_benches_every_method_once_on_the_cpu():
     names = [n for _, n, _ in grid]
     assert len(set(names)) == len(names) and set(METHODS) <= set(names)
     for _, n, c in grid:
-        assert c.startswith(f"python {n.split('-')[0]}.py ") and c.endswith(f"--out runs/speed/{n}")
-        assert "--bench 20" in c and "--gpus cpu" in c and "--arch resnet32" in c and "--resume" not in c
+        argv = shlex.split(c)
+        script = n.split("-")[0]
+        assert argv[:2] == ["python", f"{script}.py"] and argv[-2:] == ["--out", f"runs/speed/{n}"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            args = parsed_args(script, *argv[2:])  # the script's own parser: every option is real
+        assert (args.arch, args.bench, args.gpus, args.resume) == ("resnet32", 20, "cpu", False)
+        if n in summarize.SPEED_VARIANTS:
+            assert args.peers == {"dml-p3": 3, "dml-p4": 4}[n]
+        elif script == "dml":
+            assert args.peers == 2
 
 
 # ---- cifar10_from_jpeg.py
@@ -3022,15 +3076,25 @@ def script_options(script):
     return {o for a in box["p"]._actions for o in a.option_strings}
 
 
+def _tool_help(script, sub):
+    """`python script.py [sub] -h` of a tool (summarize.py, gpu_check.py, cifar10_from_jpeg.py)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, script + ".py"), *([sub] if sub else []), "-h"],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (script, sub, r.stderr[-500:])
+    return r.stdout
+
+
 def test_readme_commands_use_real_options_and_backbones():
-    """Every `python METHOD.py ...` line of README's bash blocks (continuation lines joined; `$m` stands for
-    each name of its `for m in ...` loop) uses options its script's parser has, and every backbone it names
+    """Every command of README's bash blocks that runs a file of this repository (`python X.py ...` or
+    `torchrun [its options] X.py ...`; continuation lines joined) names a file that exists and options it
+    has: a method's own parser, or a tool's -h (summarize.py per subcommand, whose grids must exist).
+    `$m.py` stands for each name of its block's `for m in ...` loop (and needs one). Every backbone named
     (--arch, --teacher-arch, the words of `for arch/a/pair in ...` loops) is in common.ARCHS."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
-    options, checked, archs = {}, 0, set()
+    options, helps, checked, archs = {}, {}, 0, set()
     for block in blocks:
-        loop = []
+        loop = None
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#")[0]
             m = re.search(r"\bfor (\w+) in ([^;]*);", line)
@@ -3038,21 +3102,31 @@ def test_readme_commands_use_real_options_and_backbones():
                 loop = m.group(2).split()
             elif m and m.group(1) in ("arch", "a", "pair"):
                 archs |= {w for p in m.group(2).split() for w in p.split(":")}
-            m = re.search(r"python (\$m|\w+)\.py\b(.*)", line)
-            if not m:
+            words = line.split("|")[0].split()
+            if not words or words[0] not in ("python", "torchrun"):
                 continue
-            argv = m.group(2).split()
+            i = next(k for k, w in enumerate(words) if w.endswith(".py"))  # torchrun's own options come before
+            name, argv = words[i][:-3], words[i + 1:]
             archs |= {v for k, v in zip(argv, argv[1:]) if k in ("--arch", "--teacher-arch") and not v.startswith("$")}
-            for script in (loop if m.group(1) == "$m" else [m.group(1)]):
-                if script not in METHODS:
-                    continue
-                if script not in options:
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        options[script] = script_options(script)
-                flags = {a.split("=")[0] for a in argv if a.startswith("--")}
-                assert flags <= options[script], (script, sorted(flags - options[script]), line)
+            flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+            if name == "$m":
+                assert loop, f"README: `$m.py` outside a `for m in ...` loop: {line.strip()}"
+            for script in (loop if name == "$m" else [name]):
+                assert os.path.isfile(os.path.join(HERE, script + ".py")), f"README runs {script}.py: no such file"
+                if script in METHODS:
+                    if script not in options:
+                        with contextlib.redirect_stdout(io.StringIO()):
+                            options[script] = script_options(script)
+                    assert flags <= options[script], (script, sorted(flags - options[script]), line)
+                else:
+                    sub = argv[0] if script == "summarize" and argv and argv[0] in ("figures", "readme", "grid",
+                                                                                   "speed") else None
+                    if sub == "grid":
+                        summarize.grid(argv[1])  # a grid that exists (an unknown one ends in one line)
+                    h = helps.setdefault((script, sub), _tool_help(script, sub))
+                    assert all(f in h for f in flags), (script, sub, [f for f in flags if f not in h], line)
                 checked += 1
-    assert checked >= 20 and archs and archs <= set(common.ARCHS), (checked, sorted(archs - set(common.ARCHS)))
+    assert checked >= 25 and archs and archs <= set(common.ARCHS), (checked, sorted(archs - set(common.ARCHS)))
 
 
 def test_the_tools_method_lists_are_the_methods_on_disk():
