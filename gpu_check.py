@@ -450,7 +450,9 @@ def part_bench(c, deadline):
             res[j["method"]][j["mode"]] = {"status": j["status"], "ms_per_step": round(1000 * b["seconds_per_step"], 2)
                                            if b else None, "images_per_second": b.get("images_per_second"),
                                            "peak_mib": round(b["peak_memory_bytes"] / 2**20) if b else None,
-                                           "warmup_s": b.get("warmup_seconds"), "loop_over_bare": b.get("loop_over_bare")}
+                                           "warmup_s": b.get("warmup_seconds"), "loop_over_bare": b.get("loop_over_bare"),
+                                           # the baseline's step timed inside the same process (eager only)
+                                           "cost_same_run": b.get("cost_vs_baseline")}
     for mode in ("eager", "compile"):
         base = (res.get("baseline", {}).get(mode) or {}).get("ms_per_step")
         for m in c.methods:
@@ -489,13 +491,14 @@ def part_bench(c, deadline):
         for mode in ("eager", "compile"):
             r = res[m].get(mode) or {}
             if r.get("ms_per_step"):
-                row += [r["ms_per_step"], r["images_per_second"], r.get("vs_baseline"), r["peak_mib"],
-                        r["protocol_hours"]]
+                row += [r["ms_per_step"], r["images_per_second"], r.get("vs_baseline"),
+                        *([r.get("cost_same_run")] if mode == "eager" else []), r["peak_mib"], r["protocol_hours"]]
             else:
-                row += [r.get("status", "-"), "", "", "", ""]
+                row += [r.get("status", "-"), "", "", *([""] if mode == "eager" else []), "", ""]
         row.append((res[m].get("compile") or {}).get("warmup_s"))
         rows.append(row)
-    md += table(["method", "eager ms/step", "img/s", "x baseline", peak, "300 ep (h)", "compiled ms/step", "img/s",
+    md += table(["method", "eager ms/step", "img/s", "x baseline", "x baseline, same process", peak, "300 ep (h)",
+                 "compiled ms/step", "img/s",
                  "x compiled baseline", peak, "300 ep (h)", "warm-up incl. compile (s), side by side"], rows)
     md += ["", f"Several runs at once: k copies of `{a.concurrency_method}` (eager) timed together; speedup = k x "
                f"(ms/step alone) / (ms/step of each of the k).", "",

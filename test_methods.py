@@ -2967,6 +2967,7 @@ def test_gpu_check_tiny_rehearses_every_part_and_a_part_out_of_time_is_marked(tm
     for m in gpu_check.TINY_METHODS:
         for mode in ("eager", "compile"):
             assert parts["bench"]["bench"][m][mode]["ms_per_step"] > 0, (m, mode)
+        assert parts["bench"]["bench"][m]["eager"]["cost_same_run"] > 0, m  # the in-process yardstick (eager only)
         assert parts["real"]["runs"][m]["status"] == "ok"
         assert all((out / "real" / m / f).exists() for f in ("run.json", "log.csv", "final.json"))
     assert parts["bench"]["concurrency"]["2"]["speedup"] > 0
