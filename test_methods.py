@@ -69,6 +69,10 @@ import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
+# A suite started in the background by a script (`cmd &`) inherits SIGINT ignored, and so would every run it
+# starts (common.py leaves an ignored signal ignored, as nohup wants): the Ctrl-C tests need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # =================================================================================================
