@@ -2579,7 +2579,7 @@ class _Agreement:
 # --bench N: the loop's images/s and the bare step's, on synthetic data on the device.
 # =================================================================================================
 
-def _load_average():
+def load_average():
     """The machine's 1/5/15-minute load averages (None where the OS has none): how idle a bench ran."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -2650,7 +2650,7 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    load_before = _load_average()
+    load_before = load_average()
     it = batches()
     t0 = time.perf_counter()
     bare_steps(3, it)  # warm-up (cudnn autotuning, compilation)
@@ -2691,7 +2691,7 @@ def _bench(args, model, step_model, opt, data, device, amp, out):
            "warmup_seconds": round(warmup, 2),
            # where it ran, with what, and how busy the machine was (1/5/15-minute load averages, before and after)
            "machine": machine_info(device), "args": _plain_args(args),
-           "load_average": {"before": load_before, "after": _load_average()}}
+           "load_average": {"before": load_before, "after": load_average()}}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     atomic_json(res, os.path.join(out, "bench.json"))

@@ -62,6 +62,33 @@ def _lock_held(folder):
         os.close(fd)
 
 
+def _read_record(path, kind, check=None):
+    """The JSON dict at path, with a "method"; check(r) may raise for what else it must hold. None, after a
+    warning on stderr naming the file, when it cannot be read or fails a check (the row is skipped)."""
+    try:
+        with open(path) as f:
+            r = json.load(f)
+        if not isinstance(r, dict) or not isinstance(r.get("method"), str):
+            raise ValueError("no method")
+        if check:
+            check(r)
+        return r
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"warning: skipped {path}: not a readable {kind} file ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def _deploy_number(r):
+    if not _number(r["last"][r["deploy"]]):  # the one number the table needs
+        raise ValueError(f"last[{r['deploy']!r}] = {r['last'][r['deploy']]!r} is not a number")
+
+
+def _positive_rates(b):
+    for k in ("seconds_per_step", "images_per_second"):
+        if not _number(b.get(k)) or b[k] <= 0:
+            raise ValueError(f"{k} = {b.get(k)!r} is not a positive number")
+
+
 def read_runs(root):
     """(finished final.json dicts, unfinished run.json dicts) of the run folders directly under root.
     An unfinished record gets "state": "running" (its lock is held) or "stopped". A file that cannot be
@@ -73,15 +100,8 @@ def read_runs(root):
         path = final if os.path.isfile(final) else started if os.path.isfile(started) else None
         if path is None:
             continue
-        try:
-            with open(path) as f:
-                r = json.load(f)
-            if not isinstance(r, dict) or not isinstance(r.get("method"), str):
-                raise ValueError("no method")
-            if path == final and not _number(r["last"][r["deploy"]]):  # the one number the table needs
-                raise ValueError(f"last[{r['deploy']!r}] = {r['last'][r['deploy']]!r} is not a number")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"warning: skipped {path}: not a readable run file ({type(e).__name__}: {e})", file=sys.stderr)
+        r = _read_record(path, "run", _deploy_number if path == final else None)
+        if r is None:
             continue
         r["folder"] = name
         if path == final:
@@ -272,16 +292,8 @@ def read_benches(root):
         path = os.path.join(root, name, "bench.json")
         if not os.path.isfile(path):
             continue
-        try:
-            with open(path) as f:
-                b = json.load(f)
-            if not isinstance(b, dict) or not isinstance(b.get("method"), str):
-                raise ValueError("no method")
-            for k in ("seconds_per_step", "images_per_second"):
-                if not _number(b.get(k)) or b[k] <= 0:
-                    raise ValueError(f"{k} = {b.get(k)!r} is not a positive number")
-        except (OSError, ValueError) as e:
-            print(f"warning: skipped {path}: not a readable bench file ({type(e).__name__}: {e})", file=sys.stderr)
+        b = _read_record(path, "bench", _positive_rates)
+        if b is None:
             continue
         out.append({**b, "folder": name})
     return out
@@ -586,7 +598,7 @@ def speed(batch_size=128, batches=30, device="cpu", out=None, arch="resnet32"):
     with the usual PIL transforms (2 workers), and a training step of `arch` with and without
     channels_last. Synthetic CIFAR-shaped images; no dataset needed. out: also write the record there
     (JSON: the numbers, the machine, the load averages before and after; README's table is made from it)."""
-    load_before = common._load_average()
+    load_before = common.load_average()
     import torchvision.transforms as T
     from PIL import Image
     n = batch_size * batches
@@ -652,7 +664,7 @@ def speed(batch_size=128, batches=30, device="cpu", out=None, arch="resnet32"):
                                          "contiguous_images_per_second": round(res[False], 1),
                                          "channels_last_images_per_second": round(res[True], 1)},
                             "machine": common.machine_info(device),
-                            "load_average": {"before": load_before, "after": common._load_average()}}, out)
+                            "load_average": {"before": load_before, "after": common.load_average()}}, out)
         print(f"record -> {out}")
     return ours, theirs, res
 
